@@ -1,0 +1,330 @@
+"""Typed configuration: dataclasses for model, data and training; load, override, validate.
+
+A config is JSON with three sections, `model`, `data` and `train`; every key is a dataclass field
+below. Presets (`fashionmnist`, `cifar10`, `tiny`) are JSON files in `hvae_dist/presets/` that
+override the defaults. `--set section.key=value` overrides one field; the value is parsed as
+JSON when it parses (numbers, true/false, null, lists) and as a plain string otherwise.
+Every error names the key, the value and what is allowed.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from hvae_dist.errors import ConfigError
+
+PRESET_DIR = Path(__file__).parent / "presets"
+LIKELIHOODS = ("bernoulli", "dmol", "discretized_logistic", "gaussian")
+MODEL_TYPES = ("vae", "lvae")
+DETERMINISTIC_BLOCKS = ("ResBlockConv2d",)
+STOCHASTIC_BLOCKS = ("GaussianConv2d", "GaussianDense")
+BINARIZE_MODES = ("none", "dynamic", "static", "dequantize")
+BACKENDS = ("single", "ddp", "deepspeed")
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+_DET_KEYS = {"block": str, "out_channels": int, "kernel_size": int, "stride": int, "weightnorm": bool,
+             "gated": bool}
+_STO_KEYS = {"block": str, "latent_features": int, "weightnorm": bool}
+
+
+@dataclass
+class ModelConfig:
+    type: str = "vae"
+    """Stage type: `vae` (bottom-up inference) or `lvae` (ladder: top-down inference)."""
+    likelihood: str = "bernoulli"
+    """Observation model p(x|z): bernoulli (binarized data), dmol, discretized_logistic, gaussian."""
+    num_mixtures: int = 10
+    """Components of the discretized logistic mixture (dmol only)."""
+    bits: int = 8
+    """Bit depth of the data for the discretized likelihoods (bin width 1 / (2^bits - 1))."""
+    activation: str = "silu"
+    """Activation of the residual blocks: silu, elu, relu, leaky_relu."""
+    min_scale: float = 1e-3
+    """Floor added to softplus for every Gaussian scale."""
+    input_shape: Optional[list] = None
+    """(C, H, W) of the data; filled in from the dataset when a run starts."""
+    config_deterministic: list = field(default_factory=list)
+    """One list per stage of blocks {"block": "ResBlockConv2d", out_channels, kernel_size, stride, weightnorm, gated}."""
+    config_stochastic: list = field(default_factory=list)
+    """One entry per stage {"block": "GaussianConv2d" | "GaussianDense", latent_features, weightnorm}."""
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "FashionMNIST"
+    """Training set name (see `hvae_dist.data.DATASET_NAMES`)."""
+    root: Optional[str] = None
+    """Folder with torchvision's files; unset: the offline sources of this package."""
+    download: bool = False
+    """Let torchvision download into `root` (needs internet)."""
+    binarize: str = "dynamic"
+    """Input transform: none (8-bit values k/255), dynamic / static binarization, dequantize."""
+    val_datasets: list = field(default_factory=lambda: ["FashionMNIST:validation", "MNIST:validation"])
+    """NAME:SPLIT sets evaluated during training; the first is in-distribution, the rest OOD."""
+    max_train_examples: Optional[int] = None
+    """Use only the first N training examples (quick runs)."""
+    perturb_rate: float = 0.0
+    """Background-model training (Ren et al. 2019): each pixel replaced by a uniform value with this probability."""
+    num_workers: int = 0
+    """DataLoader worker processes."""
+
+
+@dataclass
+class TrainConfig:
+    batch_size: int = 128
+    """Global batch size (split evenly over ranks)."""
+    lr: float = 3e-4
+    """Adam learning rate."""
+    max_steps: int = 100_000
+    """Optimizer steps (skipped updates count as steps)."""
+    max_minutes: Optional[float] = None
+    """Stop (with a checkpoint) after this wall time."""
+    train_samples: int = 1
+    """Posterior samples per example in the training ELBO."""
+    free_nats: float = 2.0
+    """Free-nats budget per latent layer, spread over the layer's dimensions."""
+    free_nats_steps: int = 0
+    """Steps with the full free-nats budget ..."""
+    free_nats_cooldown_steps: int = 0
+    """... then linear decay to 0 over this many steps (0 with free_nats_steps 0: constant budget)."""
+    kl_warmup_steps: int = 0
+    """Linear KL warm-up of beta from 0 to 1 over this many steps (0: beta = 1)."""
+    grad_clip: float = 200.0
+    """Clip the global gradient norm to this value (0: off)."""
+    skip_threshold: Optional[float] = None
+    """Skip an update whose gradient norm exceeds this (non-finite norms are always skipped)."""
+    max_skipped: int = 100
+    """Stop with TrainingDivergedError after this many skipped updates in a row."""
+    ema_decay: float = 0.0
+    """EMA of the weights used for evaluation (0: off)."""
+    checkpoint_every: int = 1000
+    """Save checkpoints/step-N.pt and latest.pt every N steps (and at the end)."""
+    keep_last: int = 3
+    """Numbered checkpoints kept."""
+    log_every: int = 50
+    """Scalars to TensorBoard every N steps."""
+    eval_every: int = 1000
+    """Validation ELBO / LLR AUROC and image grids every N steps (0: off)."""
+    eval_examples: int = 500
+    """Examples per validation set."""
+    eval_iw_samples: int = 10
+    """Importance samples in the validation bounds."""
+    seed: int = 0
+    """Seed of parameters, data order and noise."""
+    backend: str = "single"
+    """single, ddp or deepspeed."""
+    precision: str = "fp32"
+    """fp32, bf16 or fp16 (autocast for the network; likelihood and KL stay fp32)."""
+    deepspeed_zero_stage: int = 1
+    """ZeRO stage 0-3 of the generated DeepSpeed config."""
+    deepspeed_config: Optional[str] = None
+    """A DeepSpeed JSON whose keys override the generated ones."""
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=False)
+
+
+SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig}
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp).replace("typing.", ""))
+
+
+def _check_type(key: str, value: Any, tp: Any) -> Any:
+    """Return `value` converted to `tp` (int -> float allowed) or raise ConfigError."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _check_type(key, value, inner[0])
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    expected = origin or tp
+    ok = {
+        bool: isinstance(value, bool),
+        int: isinstance(value, int) and not isinstance(value, bool),
+        float: isinstance(value, float),
+        str: isinstance(value, str),
+        list: isinstance(value, list),
+    }.get(expected, True)
+    if not ok:
+        raise ConfigError(f"config key '{key}': expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+    return value
+
+
+def _section_from_dict(name: str, data: dict) -> Any:
+    cls = SECTIONS[name]
+    if not isinstance(data, dict):
+        raise ConfigError(f"config section '{name}' must be an object, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    known = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        if key not in known:
+            raise ConfigError(f"unknown config key '{name}.{key}'; allowed keys of '{name}': {', '.join(known)}")
+        kwargs[key] = _check_type(f"{name}.{key}", value, hints[key])
+    return cls(**kwargs)
+
+
+def config_from_dict(data: dict) -> Config:
+    """Build and validate a Config from a (possibly partial) nested dict."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"a config must be a JSON object with sections {list(SECTIONS)}, got {type(data).__name__}")
+    for key in data:
+        if key not in SECTIONS:
+            raise ConfigError(f"unknown config section '{key}'; allowed: {', '.join(SECTIONS)}")
+    cfg = Config(**{name: _section_from_dict(name, data.get(name, {})) for name in SECTIONS})
+    validate(cfg)
+    return cfg
+
+
+def _deep_update(base: dict, new: dict) -> dict:
+    out = dict(base)
+    for key, value in new.items():
+        out[key] = _deep_update(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def preset_names() -> list[str]:
+    return sorted(p.stem for p in PRESET_DIR.glob("*.json"))
+
+
+def read_config_source(name_or_path: str) -> dict:
+    """The dict of a preset name or a JSON file path (not yet validated)."""
+    path = Path(name_or_path)
+    if not path.suffix and (PRESET_DIR / f"{name_or_path}.json").exists():
+        path = PRESET_DIR / f"{name_or_path}.json"
+    if not path.exists():
+        raise ConfigError(f"config '{name_or_path}' is neither a preset ({', '.join(preset_names())}) nor an existing file")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"config file {path} is not valid JSON: {e}") from e
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """'train.lr=1e-3' -> (['train', 'lr'], 0.001). Values parse as JSON, else stay strings."""
+    if "=" not in item:
+        raise ConfigError(f"override '{item}' must look like section.key=value (e.g. train.lr=1e-3)")
+    key, raw = item.split("=", 1)
+    parts = key.strip().split(".")
+    if len(parts) != 2 or parts[0] not in SECTIONS:
+        raise ConfigError(f"override key '{key}' must be section.key with section one of {', '.join(SECTIONS)}")
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError:
+        value = raw
+    return parts, value
+
+
+def apply_overrides(data: dict, overrides: list[str] | None) -> dict:
+    for item in overrides or []:
+        (section, key), value = parse_override(item)
+        data = _deep_update(data, {section: {key: value}})
+    return data
+
+
+def load_config(name_or_path: str, overrides: list[str] | None = None) -> Config:
+    """Load a preset or JSON file, apply `--set` overrides, validate."""
+    return config_from_dict(apply_overrides(read_config_source(name_or_path), overrides))
+
+
+def _check_choice(key: str, value: Any, allowed: tuple) -> None:
+    if value not in allowed:
+        raise ConfigError(f"config key '{key}': {value!r} is not allowed; choose one of {', '.join(map(str, allowed))}")
+
+
+def _check_positive(key: str, value: float, allow_zero: bool = False) -> None:
+    if value < 0 or (value == 0 and not allow_zero):
+        raise ConfigError(f"config key '{key}': {value!r} must be {'>= 0' if allow_zero else '> 0'}")
+
+
+def _check_blocks(key: str, blocks: Any, schema: dict, names: tuple) -> None:
+    if not isinstance(blocks, dict):
+        raise ConfigError(f"config key '{key}': each block must be an object, got {blocks!r}")
+    for k, v in blocks.items():
+        if k not in schema:
+            raise ConfigError(f"config key '{key}.{k}': unknown block field; allowed: {', '.join(schema)}")
+        _check_type(f"{key}.{k}", v, schema[k])
+    missing = [k for k in ("block", *[k for k in schema if k in ("out_channels", "latent_features")]) if k not in blocks]
+    if missing:
+        raise ConfigError(f"config key '{key}': missing field(s) {', '.join(missing)}")
+    _check_choice(f"{key}.block", blocks["block"], names)
+    for k in ("out_channels", "kernel_size", "stride", "latent_features"):
+        if k in blocks:
+            _check_positive(f"{key}.{k}", blocks[k])
+    if blocks.get("kernel_size", 1) % 2 == 0:
+        raise ConfigError(f"config key '{key}.kernel_size': {blocks['kernel_size']} must be odd (same padding)")
+
+
+def validate(cfg: Config) -> None:
+    """Raise ConfigError for any impossible value; checks cross-field consistency too."""
+    m, d, t = cfg.model, cfg.data, cfg.train
+    _check_choice("model.type", m.type, MODEL_TYPES)
+    _check_choice("model.likelihood", m.likelihood, LIKELIHOODS)
+    _check_choice("model.activation", m.activation, ("silu", "elu", "relu", "leaky_relu"))
+    _check_positive("model.num_mixtures", m.num_mixtures)
+    _check_positive("model.bits", m.bits)
+    _check_positive("model.min_scale", m.min_scale)
+    if not m.config_deterministic or not m.config_stochastic:
+        raise ConfigError("config keys 'model.config_deterministic' and 'model.config_stochastic' must be non-empty lists")
+    if len(m.config_deterministic) != len(m.config_stochastic):
+        raise ConfigError(
+            f"model.config_deterministic has {len(m.config_deterministic)} stages but model.config_stochastic has "
+            f"{len(m.config_stochastic)}: there must be one list of deterministic blocks per stochastic layer")
+    for i, stage in enumerate(m.config_deterministic):
+        if not isinstance(stage, list) or not stage:
+            raise ConfigError(f"config key 'model.config_deterministic[{i}]' must be a non-empty list of blocks")
+        for j, block in enumerate(stage):
+            _check_blocks(f"model.config_deterministic[{i}][{j}]", block, _DET_KEYS, DETERMINISTIC_BLOCKS)
+    for i, block in enumerate(m.config_stochastic):
+        _check_blocks(f"model.config_stochastic[{i}]", block, _STO_KEYS, STOCHASTIC_BLOCKS)
+    if m.input_shape is not None and (len(m.input_shape) != 3 or not all(isinstance(s, int) and s > 0 for s in m.input_shape)):
+        raise ConfigError(f"config key 'model.input_shape': {m.input_shape!r} must be [C, H, W] positive integers")
+    _check_choice("data.binarize", d.binarize, BINARIZE_MODES)
+    if (m.likelihood == "bernoulli") != (d.binarize in ("dynamic", "static")):
+        raise ConfigError(
+            f"model.likelihood={m.likelihood!r} does not fit data.binarize={d.binarize!r}: the bernoulli likelihood needs "
+            "binarized data (dynamic/static) and the other likelihoods need non-binarized data (none/dequantize)")
+    if not 0.0 <= d.perturb_rate < 1.0:
+        raise ConfigError(f"config key 'data.perturb_rate': {d.perturb_rate!r} must be in [0, 1)")
+    if d.max_train_examples is not None:
+        _check_positive("data.max_train_examples", d.max_train_examples)
+    _check_positive("data.num_workers", d.num_workers, allow_zero=True)
+    for spec in d.val_datasets:
+        if not isinstance(spec, str) or spec.count(":") != 1:
+            raise ConfigError(f"config key 'data.val_datasets': {spec!r} must look like NAME:SPLIT")
+    for key in ("batch_size", "max_steps", "train_samples", "checkpoint_every", "keep_last", "log_every",
+                "eval_examples", "eval_iw_samples", "max_skipped"):
+        _check_positive(f"train.{key}", getattr(t, key))
+    for key in ("free_nats", "free_nats_steps", "free_nats_cooldown_steps", "kl_warmup_steps", "grad_clip",
+                "eval_every", "ema_decay"):
+        _check_positive(f"train.{key}", getattr(t, key), allow_zero=True)
+    _check_positive("train.lr", t.lr)
+    if t.ema_decay >= 1.0:
+        raise ConfigError(f"config key 'train.ema_decay': {t.ema_decay!r} must be in [0, 1)")
+    if t.skip_threshold is not None:
+        _check_positive("train.skip_threshold", t.skip_threshold)
+    if t.max_minutes is not None:
+        _check_positive("train.max_minutes", t.max_minutes)
+    _check_choice("train.backend", t.backend, BACKENDS)
+    _check_choice("train.precision", t.precision, PRECISIONS)
+    _check_choice("train.deepspeed_zero_stage", t.deepspeed_zero_stage, (0, 1, 2, 3))

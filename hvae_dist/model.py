@@ -1,0 +1,256 @@
+"""HierarchicalVAE: a stack of stages, each a list of residual blocks and one Gaussian latent layer.
+
+Layers are numbered bottom-up, i = 1 .. L (index 0 .. L-1 in code). Let d_i be the deterministic
+bottom-up features of stage i (d_0 = x mapped to [-1, 1]) and t_i the top-down features of the
+generative path at the same resolution.
+
+VAE stage (bottom-up inference, skip connections between latents):
+    d_i = Enc_i(h_{i-1}),  q(z_i | z_{<i}, x) = N(.; d_i),  h_i = d_i + Up_i(z_i)  (h_0 = x)
+LVAE stage (ladder, top-down inference):
+    d_i = Enc_i(d_{i-1}),  q(z_L | x) = N(.; d_L),  q(z_i | z_{>i}, x) = N(.; [d_i, t_i])
+Generation, both (top-down, skip connections between latents):
+    p(z_L) = N(0, I),  u_L = Down_L(z_L),  t_i = Dec_{i+1}(u_{i+1}),  p(z_i | z_{>i}) = N(.; t_i),
+    u_i = t_i + Down_i(z_i),  p(x | z) = Likelihood(Dec_1(u_1))
+
+Decode modes (one per layer), which cover every bound of the paper:
+
+    mode          z_i used for generation        z_i used for inference   KL counted
+    "sample"      posterior sample               posterior sample          yes
+    "prior_mode"  mean of p(z_i | z_{>i})        posterior mean (VAE)      no
+
+ELBO: all "sample". L>k: layers 1..k "prior_mode", layers k+1..L "sample" (`lk_modes(k, L)`); for k = 0
+it equals the ELBO forward for the same noise. The model is pure: no device, precision or backend logic.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from hvae_dist.config import ModelConfig
+from hvae_dist.errors import ConfigError
+from hvae_dist.likelihoods import build_likelihood
+from hvae_dist.nn import Gaussian, ResBlockConv2d, build_stochastic
+
+SAMPLE, PRIOR_MODE = "sample", "prior_mode"
+
+
+def lk_modes(k: int, num_layers: int) -> list[str]:
+    """Decode modes of the L>k bound: layers 1..k from the conditional-prior mode, the rest sampled."""
+    if not 0 <= k <= num_layers:
+        raise ValueError(f"k={k} must be in 0..{num_layers} (the model has {num_layers} latent layers)")
+    return [PRIOR_MODE] * k + [SAMPLE] * (num_layers - k)
+
+
+@dataclass
+class ModelOutput:
+    """Result of one forward pass over a batch of B rows (examples x samples). All float32, nats."""
+
+    log_px: Tensor                 # (B,) log p(x | z)
+    kl: Tensor                     # (B, L) log q(z_i|.) - log p(z_i|.), single sample; 0 for prior-mode layers
+    kl_dims: list[Tensor]          # per layer (B, D_i) elementwise KL terms, for free nats
+    posterior_means: list[Tensor]  # per layer (B, D_i), for active-unit statistics
+    params: Tensor                 # (B, P, H, W) likelihood parameters
+
+    @property
+    def elbo(self) -> Tensor:
+        """(B,) single-sample bound log p(x|z) - sum_i KL_i, nats (an L>k bound under L>k modes)."""
+        return self.log_px - self.kl.sum(1)
+
+
+@dataclass
+class Precomputed:
+    """Sample-independent work for a batch (computed once per example, then repeated over samples).
+
+    VAE: inference of the leading prior-mode layers (posterior means) and the features of the first
+    sampled layer's stage. LVAE: every bottom-up feature map.
+    """
+
+    x: Tensor                                   # (B, C, H, W) data as given to log p(x|z)
+    d: list = field(default_factory=list)       # LVAE: d_1..d_L; VAE: [d_j] of the first sampled stage j
+    q: list = field(default_factory=list)       # VAE: Gaussians of the leading prior-mode layers
+    h: Optional[Tensor] = None                  # VAE: input of the first sampled stage (unused when d given)
+
+    def repeat(self, n: int) -> "Precomputed":
+        """Each row repeated n times (row b*n + s is sample s of example b)."""
+        if n == 1:
+            return self
+        rep = lambda t: None if t is None else t.repeat_interleave(n, dim=0)  # noqa: E731
+        return Precomputed(x=rep(self.x), d=[rep(t) for t in self.d],
+                           q=[Gaussian(rep(g.loc), rep(g.scale)) for g in self.q], h=rep(self.h))
+
+
+def _out_size(size: int, stride: int) -> int:
+    return math.ceil(size / stride)
+
+
+class HierarchicalVAE(nn.Module):
+    """VAE or LVAE stack built from a ModelConfig (seed config format); see the module docstring."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        if cfg.input_shape is None:
+            raise ConfigError("model.input_shape is not set: build the model after the dataset is known")
+        self.cfg = cfg
+        self.input_shape = tuple(cfg.input_shape)
+        self.type = cfg.type
+        c, h, w = self.input_shape
+        self.encoders, self.decoders, self.latents = nn.ModuleList(), nn.ModuleList(), nn.ModuleList()
+        self.feature_shapes: list[tuple[int, int, int]] = []
+        shape = (c, h, w)
+        num_layers = len(cfg.config_stochastic)
+        for i, (blocks, sto) in enumerate(zip(cfg.config_deterministic, cfg.config_stochastic)):
+            enc, dec, shapes = [], [], [shape]
+            for b in blocks:
+                out = (b["out_channels"], _out_size(shape[1], b["stride"]), _out_size(shape[2], b["stride"]))
+                enc.append(ResBlockConv2d(shape[0], out[0], b.get("kernel_size", 3), b.get("stride", 1),
+                                          b.get("weightnorm", True), b.get("gated", False), cfg.activation))
+                shape = out
+                shapes.append(shape)
+            # The decoder mirrors the encoder; stage 1 decodes to hidden channels, the likelihood head to pixels.
+            for j in reversed(range(len(blocks))):
+                b, src, dst = blocks[j], shapes[j + 1], shapes[j]
+                dst_ch = blocks[0]["out_channels"] if (i == 0 and j == 0) else dst[0]
+                dec.append(ResBlockConv2d(src[0], dst_ch, b.get("kernel_size", 3), b.get("stride", 1),
+                                          b.get("weightnorm", True), b.get("gated", False), cfg.activation,
+                                          upsample_to=dst[1:]))
+            self.encoders.append(nn.Sequential(*enc))
+            self.decoders.append(nn.Sequential(*dec))
+            post_in = 2 * shape[0] if (cfg.type == "lvae" and i < num_layers - 1) else None
+            self.latents.append(build_stochastic(sto, shape, cfg.min_scale, post_in))
+            self.feature_shapes.append(shape)
+        self.likelihood = build_likelihood(cfg.likelihood, cfg.config_deterministic[0][0]["out_channels"], c,
+                                           cfg.num_mixtures, cfg.bits)
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.latents)
+
+    @property
+    def latent_shapes(self) -> list[tuple[int, ...]]:
+        """Event shape of each latent layer, bottom first."""
+        return [lat.event_shape for lat in self.latents]
+
+    def _check_modes(self, modes: Optional[Sequence[str]]) -> list[str]:
+        modes = list(modes) if modes is not None else [SAMPLE] * self.num_layers
+        if len(modes) != self.num_layers or any(m not in (SAMPLE, PRIOR_MODE) for m in modes):
+            raise ValueError(f"modes must be {self.num_layers} of {SAMPLE!r}/{PRIOR_MODE!r}, got {modes}")
+        return modes
+
+    @staticmethod
+    def _model_input(x: Tensor) -> Tensor:
+        return x * 2.0 - 1.0
+
+    def precompute(self, x: Tensor, modes: Optional[Sequence[str]] = None) -> Precomputed:
+        """The part of the forward pass that does not depend on the noise. x: (B, C, H, W) in [0, 1]."""
+        modes = self._check_modes(modes)
+        if self.type == "lvae":
+            d, ds = self._model_input(x), []
+            for enc in self.encoders:
+                d = enc(d)
+                ds.append(d)
+            return Precomputed(x=x, d=ds)
+        pre = Precomputed(x=x, h=self._model_input(x))
+        for i, mode in enumerate(modes):
+            d = self.encoders[i](pre.h)
+            if mode == SAMPLE:
+                pre.d = [d]
+                break
+            q = self.latents[i].q(d)
+            pre.q.append(q)
+            pre.h = d + self.latents[i].up(q.loc.to(d.dtype))
+        return pre
+
+    def forward(self, x: Optional[Tensor] = None, modes: Optional[Sequence[str]] = None,
+                noise: Optional[Sequence[Tensor]] = None, precomputed: Optional[Precomputed] = None) -> ModelOutput:
+        """One pass; x: (B, C, H, W) in the likelihood's data space ({0,1} or k/255), or `precomputed`.
+
+        noise: optional standard-normal tensors, one per layer, (B, *event_shape_i) (entries of prior-mode
+        layers are ignored); default fresh torch.randn. Explicit noise makes a pass reproducible.
+        """
+        modes = self._check_modes(modes)
+        pre = precomputed if precomputed is not None else self.precompute(x, modes)
+        batch = pre.x.shape[0]
+        eps = list(noise) if noise is not None else [None] * self.num_layers
+
+        def draw(i: int, like: Tensor) -> Tensor:
+            e = eps[i] if eps[i] is not None else torch.randn(batch, *self.latents[i].event_shape, device=like.device)
+            return e.to(device=like.device, dtype=torch.float32)
+
+        q_list: list[Optional[Gaussian]] = [None] * self.num_layers
+        z_post: list[Optional[Tensor]] = [None] * self.num_layers
+        if self.type == "vae":
+            for i, q in enumerate(pre.q):
+                q_list[i] = q
+            h = pre.h
+            for i in range(len(pre.q), self.num_layers):
+                d = pre.d[0] if i == len(pre.q) and pre.d else self.encoders[i](h)
+                q_list[i] = self.latents[i].q(d)
+                z_post[i] = q_list[i].loc if modes[i] == PRIOR_MODE else q_list[i].rsample(draw(i, d))
+                h = d + self.latents[i].up(z_post[i].to(d.dtype))
+
+        kl = pre.x.new_zeros(batch, self.num_layers, dtype=torch.float32)
+        kl_dims: list[Tensor] = [None] * self.num_layers  # type: ignore[list-item]
+        u: Optional[Tensor] = None
+        for i in reversed(range(self.num_layers)):
+            lat = self.latents[i]
+            if i == self.num_layers - 1:
+                loc = torch.zeros(batch, *lat.event_shape, device=pre.x.device)
+                p = Gaussian(loc, torch.ones_like(loc))
+                t = None
+            else:
+                t = self.decoders[i + 1](u)
+                p = lat.p(t)
+            if self.type == "lvae":
+                d = pre.d[i]
+                q_list[i] = lat.q(d if t is None else torch.cat([d, t.to(d.dtype)], dim=1))
+            q = q_list[i]
+            if modes[i] == PRIOR_MODE:
+                z = p.loc
+                kl_dims[i] = torch.zeros_like(q.loc.flatten(1))
+            else:
+                z = z_post[i] if z_post[i] is not None else q.rsample(draw(i, q.loc))
+                kl_dims[i] = (q.log_prob(z) - p.log_prob(z)).flatten(1)  # B, D_i
+                kl[:, i] = kl_dims[i].sum(1)
+            down = lat.down(z.to(t.dtype) if t is not None else z)
+            u = down if t is None else t + down
+        params = self.likelihood(self.decoders[0](u))
+        log_px = self.likelihood.log_prob(pre.x, params)
+        return ModelOutput(log_px=log_px, kl=kl, kl_dims=kl_dims,
+                           posterior_means=[q.loc.flatten(1) for q in q_list], params=params)
+
+    @torch.no_grad()
+    def sample_prior(self, n: int, device: torch.device | str = "cpu", generator: Optional[torch.Generator] = None,
+                     mean_image: bool = True) -> Tensor:
+        """n images from p(z_L) ... p(x|z): (n, C, H, W) in [0, 1] (the likelihood's mean when mean_image)."""
+        u: Optional[Tensor] = None
+        for i in reversed(range(self.num_layers)):
+            lat = self.latents[i]
+            eps = torch.randn(n, *lat.event_shape, generator=generator, device=device)
+            if u is None:
+                z, t = eps, None
+            else:
+                t = self.decoders[i + 1](u)
+                z = lat.p(t).rsample(eps)
+            down = lat.down(z)
+            u = down if t is None else t + down
+        params = self.likelihood(self.decoders[0](u))
+        return self.likelihood.mean(params) if mean_image else self.likelihood.sample(params, generator)
+
+    @torch.no_grad()
+    def reconstruct(self, x: Tensor) -> Tensor:
+        """Likelihood mean of p(x | z ~ q(z|x)): (B, C, H, W) in [0, 1]."""
+        return self.likelihood.mean(self.forward(x).params)
+
+
+def build_model(cfg: ModelConfig, input_shape: Optional[Sequence[int]] = None) -> HierarchicalVAE:
+    """Build from the config; `input_shape` (C, H, W) fills `cfg.input_shape` when given."""
+    if input_shape is not None:
+        cfg = replace(cfg, input_shape=[int(s) for s in input_shape])
+    return HierarchicalVAE(cfg)
+
+
+__all__ = ["HierarchicalVAE", "ModelOutput", "Precomputed", "build_model", "lk_modes", "SAMPLE", "PRIOR_MODE"]
