@@ -1,0 +1,145 @@
+"""Figures of `hvae analyze`: ROC curves and score histograms (the paper's figures), PNG and TensorBoard.
+
+Figures are built with `matplotlib.figure.Figure` and the Agg canvas directly (no pyplot state, no
+display needed). Files written to the output dir:
+
+- `roc_<OOD>.png`: ROC curve of every score for one OOD set (in-dist = negatives), AUROC in the legend.
+- `hist_<OOD>.png`: log p(x) (the ELBO, nats) and LLR>k for each k, in-dist vs that OOD set.
+- `hist_all.png`: the same quantities for every group in one figure.
+
+Group names such as "MNIST/test" become "MNIST_test" in file names.
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+    from hvae_dist.analysis import Analysis
+
+
+def file_stem(group: str) -> str:
+    """"MNIST/test" -> "MNIST_test": safe in file names and TensorBoard tags."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", group)
+
+
+def _new_figure(ncols: int, width: float = 4.2, height: float = 3.4) -> tuple["Figure", list[Any]]:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width * ncols, height), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, ncols, squeeze=False)[0]
+    return fig, list(axes)
+
+
+def roc_figure(result: "Analysis", ood: str) -> "Figure":
+    """ROC curves of every score of `result` for one OOD group."""
+    from sklearn.metrics import roc_curve
+
+    fig, (ax,) = _new_figure(1, width=5.0, height=4.4)
+    neg_values = result.values[result.in_group]
+    for spec in result.specs:
+        neg, pos = neg_values[spec.id], result.values[ood][spec.id]
+        y = np.concatenate([np.zeros(neg.size), np.ones(pos.size)])
+        fpr, tpr, _ = roc_curve(y, np.concatenate([neg, pos]))
+        auroc = next(r["auroc"] for r in result.rows if r["ood"] == ood and r["score"] == spec.id)
+        ax.plot(fpr, tpr, label=f"{spec.label} ({auroc:.3f})", lw=1.4)
+    ax.plot([0, 1], [0, 1], color="0.6", ls=":", lw=1)
+    ax.axhline(0.8, color="0.8", lw=0.8)
+    ax.set(xlim=(0, 1), ylim=(0, 1.01), xlabel="false positive rate (in-dist flagged)",
+           ylabel="true positive rate (OOD flagged)", title=f"{result.in_group} vs {ood}")
+    ax.legend(loc="lower right", fontsize=7, title="score (AUROC)", title_fontsize=7)
+    return fig
+
+
+def _histogram_panels(result: "Analysis") -> list[tuple[str, dict[str, np.ndarray]]]:
+    """(title, group -> values) for log p(x) and each LLR>k."""
+    ks = result.attrs["ks"]
+    panels = [("log p(x) (ELBO, nats)", {g: d["elbo"] for g, d in result.groups.items()})]
+    panels += [(f"LLR>{k} (nats)", {g: d["llr"][:, j] for g, d in result.groups.items()}) for j, k in enumerate(ks)]
+    return panels
+
+
+def _draw_histograms(ax: Any, title: str, series: dict[str, np.ndarray]) -> None:
+    """Density histograms on shared bins spanning the central 99.8% of the values (tails clipped in)."""
+    allv = np.concatenate([v[np.isfinite(v)] for v in series.values()])
+    if allv.size == 0:
+        ax.set_title(f"{title}: no finite values")
+        return
+    lo, hi = np.quantile(allv, [0.001, 0.999])
+    if not hi > lo:
+        lo, hi = lo - 0.5, hi + 0.5
+    bins = np.linspace(lo, hi, int(np.clip(np.sqrt(allv.size), 10, 60)) + 1)
+    colors = [f"C{i}" for i in range(10)]
+    for i, (name, v) in enumerate(series.items()):
+        v = np.clip(v[np.isfinite(v)], lo, hi)
+        color = colors[i % len(colors)]
+        ax.hist(v, bins=bins, density=True, histtype="stepfilled", alpha=0.3, color=color, label=name)
+        ax.hist(v, bins=bins, density=True, histtype="step", lw=1, color=color)
+    ax.set(title=title, ylabel="density")
+    ax.legend(fontsize=7)
+
+
+def histogram_figure(result: "Analysis", groups: list[str]) -> "Figure":
+    """log p(x) and LLR>k histograms of `groups` (the in-dist group first), one panel each."""
+    panels = _histogram_panels(result)
+    fig, axes = _new_figure(len(panels))
+    for ax, (title, series) in zip(axes, panels):
+        _draw_histograms(ax, title, {g: series[g] for g in groups})
+    fig.suptitle(" vs ".join(groups), fontsize=9)
+    return fig
+
+
+def make_figures(result: "Analysis") -> dict[str, "Figure"]:
+    """name (file stem) -> figure, for every OOD group plus the all-groups histogram."""
+    figures: dict[str, Figure] = {}
+    for ood in result.ood_groups:
+        figures[f"roc_{file_stem(ood)}"] = roc_figure(result, ood)
+        figures[f"hist_{file_stem(ood)}"] = histogram_figure(result, [result.in_group, ood])
+    if len(result.ood_groups) > 1:
+        figures["hist_all"] = histogram_figure(result, [result.in_group, *result.ood_groups])
+    return figures
+
+
+def save_figures(figures: dict[str, "Figure"], out: Path, dpi: int = 120) -> list[Path]:
+    """Write each figure to out/<name>.png; returns the paths."""
+    paths = []
+    for name, fig in figures.items():
+        path = out / f"{name}.png"
+        fig.savefig(path, dpi=dpi)
+        paths.append(path)
+    return paths
+
+
+def tensorboard_dir(path: str | Path) -> Path:
+    """A run dir (has config.json or tb/) maps to its tb/ folder; anything else is used as given."""
+    path = Path(path)
+    if (path / "tb").is_dir() or (path / "config.json").is_file():
+        return path / "tb"
+    return path
+
+
+def write_tensorboard(path: str | Path, result: "Analysis", markdown: str, figures: dict[str, "Figure"],
+                      step: int = 0) -> Path:
+    """Log the metrics table (text), the figures and every metric (scalar `ood/<METRIC>/<OOD>/<score id>`)."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    log_dir = tensorboard_dir(path)
+    writer = SummaryWriter(log_dir=str(log_dir))
+    try:
+        writer.add_text(f"ood/{file_stem(result.in_group)}/metrics", markdown, global_step=step)
+        for name, fig in figures.items():
+            writer.add_figure(f"ood/{file_stem(result.in_group)}/{name}", fig, global_step=step, close=False)
+        for r in result.rows:
+            for metric in ("auroc", "auprc", "fpr80"):
+                writer.add_scalar(f"ood/{metric.upper()}/{file_stem(r['ood'])}/{r['score']}", r[metric],
+                                  global_step=step)
+    finally:
+        writer.close()
+    return log_dir
