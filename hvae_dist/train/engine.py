@@ -1,0 +1,265 @@
+"""The training loop: data order, noise, objective, checkpoints, signals. Backend-agnostic.
+
+Reproducibility by construction: the data order of epoch e is a permutation seeded by (seed, e),
+and all randomness of step t (dynamic binarization, background perturbation, latent noise) is drawn
+for the whole global batch from a generator seeded by (seed, t); each rank takes its slice. So a run
+gives the same updates whatever the number of ranks (up to float reduction order) and a resumed run
+is bitwise identical to an uninterrupted one.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import signal
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from hvae_dist.config import Config
+from hvae_dist.data import get_dataset, parse_dataset_spec, perturb, preprocess_batch
+from hvae_dist.distributed import World, all_reduce_mean
+from hvae_dist.errors import ConfigError, TrainingDivergedError
+from hvae_dist.model import HierarchicalVAE, build_model
+from hvae_dist.objectives import bits_per_dim, elbo_loss, free_nats_at, kl_warmup_beta
+from hvae_dist.train.backends import Backend, make_backend
+from hvae_dist.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from hvae_dist.train.ema import EMA
+
+log = logging.getLogger("hvae_dist.train")
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+# Test-only fault injection: the loss of this step is made NaN on every rank (see tests/test_train_*.py).
+NAN_STEP_ENV = "HVAE_DEBUG_NAN_AT_STEP"
+
+
+def _seed_of(*parts: int) -> int:
+    """A 63-bit seed mixed from integers (stable across runs and platforms)."""
+    h = 0x9E3779B97F4A7C15
+    for p in parts:
+        h = (h ^ (int(p) & 0xFFFFFFFFFFFFFFFF)) * 0xBF58476D1CE4E5B9 & 0xFFFFFFFFFFFFFFFF
+        h ^= h >> 31
+    return h & 0x7FFFFFFFFFFFFFFF
+
+
+@dataclass
+class Counters:
+    """Run statistics saved in checkpoints."""
+    skipped_total: int = 0
+    skipped_in_row: int = 0
+    images_seen: int = 0
+    extra: dict = field(default_factory=dict)
+
+
+class Trainer:
+    """Owns a run dir: builds data, model and backend, trains, checkpoints, resumes."""
+
+    def __init__(self, cfg: Config, run_dir: str | Path, world: World, device: torch.device, logger=None):
+        self.cfg, self.world, self.device = cfg, world, device
+        self.run_dir = Path(run_dir)
+        t = cfg.train
+        if world.distributed and t.backend == "single":
+            raise ConfigError(f"train.backend='single' but WORLD_SIZE={world.world_size}: use --backend ddp or deepspeed")
+        if t.batch_size % world.world_size:
+            raise ConfigError(f"train.batch_size={t.batch_size} must be divisible by the number of ranks ({world.world_size})")
+        self.local_batch = t.batch_size // world.world_size
+        name, split = parse_dataset_spec(f"{cfg.data.dataset}:train")
+        self.train_set = get_dataset(name, split, cfg.data.root, cfg.data.download, cfg.data.max_train_examples)
+        if len(self.train_set) < t.batch_size:
+            raise ConfigError(f"train.batch_size={t.batch_size} is larger than the training set ({len(self.train_set)} examples)")
+        self.images = torch.from_numpy(np.array(self.train_set.images))  # writable copy  # N, C, H, W uint8
+        if cfg.model.input_shape is None:
+            cfg.model = replace(cfg.model, input_shape=list(self.train_set.shape))
+        elif list(cfg.model.input_shape) != list(self.train_set.shape):
+            raise ConfigError(f"model.input_shape={cfg.model.input_shape} but {name} images are {list(self.train_set.shape)}")
+        torch.manual_seed(t.seed)  # parameter init is identical on every rank
+        model = build_model(cfg.model)
+        self.backend: Backend = make_backend(model, t, world, device)
+        self.model: HierarchicalVAE = self.backend.raw_model  # type: ignore[assignment]
+        self.ema = EMA(self.model, t.ema_decay) if t.ema_decay > 0 else None
+        self.batches_per_epoch = len(self.train_set) // t.batch_size  # the last partial batch is dropped
+        self.step, self.epoch, self.batch_in_epoch = 0, 0, 0
+        self.counters = Counters()
+        self.logger = logger
+        self._stop_requested = False
+        self._perm: tuple[int, torch.Tensor] | None = None
+        self._nan_step = int(os.environ.get(NAN_STEP_ENV, "-1"))
+
+    # ----- state -----
+    def state_dict(self) -> dict:
+        rng = {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
+        rngs = [rng]
+        if self.world.distributed:
+            rngs = [None] * self.world.world_size
+            torch.distributed.all_gather_object(rngs, rng)
+        return {"step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
+                "model": self.model.state_dict(), "ema": self.ema.state_dict() if self.ema else None,
+                **self.backend.state_dict(), "rng": rngs,
+                "counters": {"skipped_total": self.counters.skipped_total,
+                             "skipped_in_row": self.counters.skipped_in_row,
+                             "images_seen": self.counters.images_seen},
+                "config": self.cfg.to_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["config"]["model"] != self.cfg.to_dict()["model"]:
+            raise ConfigError(f"the checkpoint in {self.run_dir} was made with another model config; "
+                              "use a new --run-dir or the run's own config.json")
+        self.model.load_state_dict(state["model"])
+        if self.ema is not None and state.get("ema") is not None:
+            self.ema.load_state_dict(state["ema"])
+        self.backend.load_state_dict(state)
+        self.step, self.epoch, self.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
+        c = state["counters"]
+        self.counters = Counters(c["skipped_total"], c["skipped_in_row"], c["images_seen"])
+        rngs = state["rng"]
+        rng = rngs[self.world.rank] if self.world.rank < len(rngs) else rngs[0]
+        torch.set_rng_state(rng["torch"])
+        if rng.get("cuda") is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state(rng["cuda"])
+
+    def save(self) -> Path | None:
+        state = self.state_dict()  # collective in DDP: every rank takes part
+        path = None
+        if self.world.is_main:
+            path = save_checkpoint(state, self.run_dir, self.cfg.train.keep_last)
+            log.info("saved checkpoint %s", path)
+        return path
+
+    def maybe_resume(self) -> bool:
+        path = latest_checkpoint(self.run_dir)
+        if path is None:
+            return False
+        self.load_state_dict(load_checkpoint(path, map_location=self.device))
+        log.info("resumed from %s at step %d", path, self.step)
+        return True
+
+    # ----- data and noise -----
+    def _permutation(self, epoch: int) -> torch.Tensor:
+        if self._perm is None or self._perm[0] != epoch:
+            g = torch.Generator().manual_seed(_seed_of(self.cfg.train.seed, 1, epoch))
+            self._perm = (epoch, torch.randperm(len(self.train_set), generator=g))
+        return self._perm[1]
+
+    def next_batch(self) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """(x (b_local * train_samples, C, H, W) float, noise per latent layer) for the current step."""
+        t, w = self.cfg.train, self.world
+        perm = self._permutation(self.epoch)
+        start = self.batch_in_epoch * t.batch_size
+        idx = perm[start + w.rank * self.local_batch: start + (w.rank + 1) * self.local_batch]
+        x_u8 = self.images[idx]                                            # b, C, H, W
+        g = torch.Generator().manual_seed(_seed_of(t.seed, 2, self.step))
+        # Draw for the global batch, then slice: the same numbers whatever the number of ranks.
+        sl = slice(w.rank * self.local_batch, (w.rank + 1) * self.local_batch)
+        if self.cfg.data.perturb_rate > 0:
+            pert_u = torch.rand(t.batch_size, *x_u8.shape[1:], generator=g)[sl]
+            pert_v = torch.randint(0, 256, (t.batch_size, *x_u8.shape[1:]), generator=g, dtype=torch.uint8)[sl]
+            x_u8 = torch.where(pert_u < self.cfg.data.perturb_rate, pert_v, x_u8)
+        u = torch.rand(t.batch_size, *x_u8.shape[1:], generator=g)[sl]
+        mode = self.cfg.data.binarize
+        x = preprocess_batch(x_u8, mode, u if mode in ("dynamic", "dequantize") else None)
+        s = t.train_samples
+        noise = [torch.randn(t.batch_size * s, *shape, generator=g)[w.rank * self.local_batch * s:
+                                                                     (w.rank + 1) * self.local_batch * s]
+                 for shape in self.model.latent_shapes]
+        if s > 1:
+            x = x.repeat_interleave(s, dim=0)
+        return x.to(self.device), [n.to(self.device) for n in noise]
+
+    def _advance(self) -> None:
+        self.step += 1
+        self.batch_in_epoch += 1
+        if self.batch_in_epoch >= self.batches_per_epoch:
+            self.epoch, self.batch_in_epoch = self.epoch + 1, 0
+
+    # ----- one update -----
+    def train_step(self) -> dict:
+        """One optimizer update; returns a dict of float stats (logging happens outside)."""
+        t = self.cfg.train
+        beta = kl_warmup_beta(self.step, t.kl_warmup_steps)
+        fn = free_nats_at(self.step, t.free_nats, t.free_nats_steps, t.free_nats_cooldown_steps)
+        x, noise = self.next_batch()
+        self.backend.forward_module.train()
+        with self.backend.autocast():
+            out = self.backend.forward_module(x, noise=noise)
+        loss = elbo_loss(out, beta=beta, free_nats=fn)
+        total = loss.loss
+        if self.step == self._nan_step:
+            total = total * float("nan")
+        result = self.backend.step(total)
+        if result.skipped:
+            self.counters.skipped_total += 1
+            self.counters.skipped_in_row += 1
+            if self.counters.skipped_in_row >= t.max_skipped:
+                raise TrainingDivergedError(
+                    f"{self.counters.skipped_in_row} updates in a row were skipped at step {self.step} (grad norm "
+                    f"{result.grad_norm}); lower train.lr, set train.grad_clip, or raise train.max_skipped")
+            log.warning("step %d: skipped update (grad norm %s)", self.step, result.grad_norm)
+        else:
+            self.counters.skipped_in_row = 0
+            if self.ema is not None:
+                self.ema.update(self.model)
+        self.counters.images_seen += t.batch_size
+        num_dims = math.prod(self.model.input_shape)
+        stats = {"loss": float(total.detach()), "elbo": float(loss.elbo.mean()), "log_px": float(loss.log_px.mean()),
+                 "bpd": float(bits_per_dim(-loss.elbo.mean(), num_dims)), "grad_norm": result.grad_norm,
+                 "skipped": float(result.skipped), "skipped_total": float(self.counters.skipped_total),
+                 "beta": beta, "free_nats": fn, "lr": self.backend.lr}
+        for i, kl_i in enumerate(loss.kl.mean(0).tolist()):
+            stats[f"kl/layer{i + 1}"] = kl_i
+        self._advance()
+        return stats
+
+    # ----- signals -----
+    def request_stop(self, *_args) -> None:
+        """Signal handler (SIGTERM / SIGUSR1): finish the current step, checkpoint, exit cleanly."""
+        self._stop_requested = True
+
+    def install_signal_handlers(self) -> None:
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, self.request_stop)
+
+    def stop_requested(self) -> bool:
+        """True on every rank as soon as any rank got a stop signal."""
+        flag = torch.tensor([1.0 if self._stop_requested else 0.0], device=self.device)
+        return bool(all_reduce_mean(flag, self.world).item() > 0)
+
+    # ----- the loop -----
+    def fit(self, max_steps: int | None = None) -> dict:
+        """Train until `max_steps` (default train.max_steps), the time budget, or a stop signal.
+
+        Returns {"step", "reason"} with reason in finished | time | signal.
+        """
+        t = self.cfg.train
+        max_steps = max_steps if max_steps is not None else t.max_steps
+        start_time, reason = time.monotonic(), "finished"
+        last_t, last_step = time.perf_counter(), self.step
+        if self.logger is not None:
+            self.logger.start(self.step, max_steps)
+        while self.step < max_steps:
+            stats = self.train_step()
+            if self.logger is not None:
+                now = time.perf_counter()
+                stats["images_per_s_total"] = (self.step - last_step) * t.batch_size / max(now - last_t, 1e-9)
+                stats["images_per_s_per_rank"] = stats["images_per_s_total"] / self.world.world_size
+                last_t, last_step = now, self.step
+                self.logger.on_step(self, stats)
+            if self.step % t.checkpoint_every == 0 and self.step < max_steps:
+                self.save()
+            if self.stop_requested():
+                reason = "signal"
+                break
+            if t.max_minutes is not None and (time.monotonic() - start_time) / 60 >= t.max_minutes:
+                reason = "time"
+                break
+        self.save()
+        if self.logger is not None:
+            self.logger.close(self)
+        return {"step": self.step, "reason": reason}
+
+    def write_config(self) -> None:
+        if self.world.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.json").write_text(json.dumps(self.cfg.to_dict(), indent=2))

@@ -1,0 +1,105 @@
+"""What a run shows: TensorBoard scalars and image grids, a log file, and a progress bar (rank 0 only)."""
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from hvae_dist.train.evaluate import evaluate
+
+log = logging.getLogger("hvae_dist.train")
+
+
+def setup_logging(run_dir: Path, is_main: bool) -> None:
+    """Log to stderr and DIR/train.log (rank 0); other ranks log warnings only."""
+    root = logging.getLogger("hvae_dist")
+    root.setLevel(logging.INFO if is_main else logging.WARNING)
+    if root.handlers:
+        return
+    fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s")
+    stream = logging.StreamHandler(sys.stderr)
+    stream.setFormatter(fmt)
+    root.addHandler(stream)
+    if is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        fh = logging.FileHandler(run_dir / "train.log")
+        fh.setFormatter(fmt)
+        root.addHandler(fh)
+
+
+class Monitor:
+    """Rank 0 writes TensorBoard (run_dir/tb) and the progress bar; other ranks do nothing."""
+
+    def __init__(self, run_dir: Path, is_main: bool, log_every: int, eval_every: int, progress: bool | None = None):
+        self.run_dir, self.is_main = Path(run_dir), is_main
+        self.log_every, self.eval_every = log_every, eval_every
+        self.writer = None
+        self.bar = None
+        self.progress = sys.stderr.isatty() if progress is None else progress
+        self._peak_rss = 0
+
+    def start(self, step: int, max_steps: int) -> None:
+        if not self.is_main:
+            return
+        from torch.utils.tensorboard import SummaryWriter
+        # purge_step drops events a killed run wrote after its last checkpoint: the resumed run's step
+        # sequence then equals an uninterrupted run's.
+        self.writer = SummaryWriter(str(self.run_dir / "tb"), purge_step=step if step > 0 else None)
+        if self.progress:
+            from tqdm import tqdm
+            self.bar = tqdm(total=max_steps, initial=step, desc="train", unit="step", dynamic_ncols=True)
+        self._t0 = time.perf_counter()
+
+    def _memory_mb(self, device: torch.device) -> float:
+        if device.type == "cuda":
+            return torch.cuda.max_memory_allocated(device) / 2**20
+        import resource
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+    def on_step(self, trainer, stats: dict) -> None:
+        if not self.is_main:
+            return
+        step = trainer.step
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix(loss=f"{stats['loss']:.1f}", bpd=f"{stats['bpd']:.3f}", refresh=False)
+        if step % self.log_every == 0 or stats["skipped"]:
+            for key, value in stats.items():
+                self.writer.add_scalar(f"train/{key}", value, step)
+            self.writer.add_scalar("perf/peak_memory_mb", self._memory_mb(trainer.device), step)
+        if step % self.log_every == 0:
+            log.info("step %d loss %.3f elbo %.3f bpd %.4f grad_norm %.2f skipped %d img/s %.0f", step, stats["loss"],
+                     stats["elbo"], stats["bpd"], stats["grad_norm"], stats["skipped_total"], stats["images_per_s_total"])
+        if self.eval_every and step % self.eval_every == 0:
+            self.evaluate(trainer)
+
+    def evaluate(self, trainer) -> None:
+        model = trainer.ema.model if trainer.ema is not None else trainer.model
+        step = trainer.step
+        for key, value in evaluate(model, trainer.cfg, trainer.device).items():
+            self.writer.add_scalar(key, value, step)
+        self.write_images(trainer, model)
+        self.writer.flush()
+
+    @torch.no_grad()
+    def write_images(self, trainer, model) -> None:
+        from torchvision.utils import make_grid
+        g = torch.Generator(device=trainer.device).manual_seed(trainer.cfg.train.seed)
+        samples = model.sample_prior(64, device=trainer.device, generator=g)
+        self.writer.add_image("samples/prior", make_grid(samples.float().cpu(), nrow=8), trainer.step)
+        x, _ = trainer.next_batch()
+        recon = model.reconstruct(x[:32])
+        pairs = torch.stack([x[:32].float(), recon.float()], dim=1).flatten(0, 1)
+        self.writer.add_image("samples/reconstructions", make_grid(pairs.cpu(), nrow=8), trainer.step)
+
+    def close(self, trainer) -> None:
+        if not self.is_main:
+            return
+        if self.eval_every and trainer.step % self.eval_every != 0:
+            self.evaluate(trainer)
+        if self.bar is not None:
+            self.bar.close()
+        self.writer.close()
