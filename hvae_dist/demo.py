@@ -1,0 +1,55 @@
+"""`hvae demo`: the paper's headline on offline data, end to end on a CPU.
+
+Trains the `tiny` preset on FashionMNIST for a bounded time, scores FashionMNIST-test against MNIST-test
+and AnimalMNIST-test with importance-weighted ELBO and L>k, merges, and prints the AUROC table. Each
+stage is the real CLI command (printed before it runs), so the demo is also a worked example.
+"""
+from __future__ import annotations
+
+import argparse
+import shlex
+import time
+from pathlib import Path
+
+from hvae_dist.cli import main as hvae
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", default="runs/demo", help="folder for the run, scores and report (default runs/demo)")
+    p.add_argument("--minutes", type=float, default=10.0, help="training wall time budget (default 10)")
+    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
+    p.add_argument("--iw-samples", type=int, default=64, help="importance samples per bound (default 64)")
+    p.add_argument("--max-examples", type=int, default=1000, help="examples scored per dataset (default 1000)")
+    p.add_argument("--datasets", nargs="+", default=["FashionMNIST:test", "MNIST:test", "AnimalMNIST:test"])
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="extra training config overrides")
+
+
+def _run(argv: list[str]) -> None:
+    print(f"\n$ hvae {shlex.join(argv)}", flush=True)
+    code = hvae(argv)
+    if code:
+        raise SystemExit(f"hvae {argv[0]} failed with exit code {code}")
+
+
+def run(args: argparse.Namespace) -> int:
+    out = Path(args.out)
+    run_dir, scores, report = out / "run", out / "scores", out / "report"
+    t0 = time.monotonic()
+    train = ["train", "--config", "tiny", "--run-dir", str(run_dir), "--precision", args.precision,
+             "--set", f"train.max_minutes={args.minutes}"]
+    for item in args.overrides:
+        train += ["--set", item]
+    if (run_dir / "config.json").exists():  # resume the same run; its config stays as it was
+        train = ["train", "--run-dir", str(run_dir), "--set", f"train.max_minutes={args.minutes}"]
+    _run(train)
+    t1 = time.monotonic()
+    _run(["score", "--run-dir", str(run_dir), "--datasets", *args.datasets, "--iw-samples", str(args.iw_samples),
+          "--ks", "1", "2", "--out", str(scores), "--max-examples", str(args.max_examples)])
+    _run(["merge", str(scores)])
+    t2 = time.monotonic()
+    _run(["analyze", str(scores / "scores.h5"), "--in-dist", args.datasets[0], "--out", str(report)])
+    print(f"\ndemo done: training {(t1 - t0) / 60:.1f} min, scoring {(t2 - t1) / 60:.1f} min. "
+          f"Report: {report}/metrics.md, TensorBoard: tensorboard --logdir {run_dir / 'tb'}")
+    print("The paper (Havtorn et al. 2021, FashionMNIST -> MNIST): AUROC of log p(x) well below 0.5, LLR>1 0.986.")
+    return 0
