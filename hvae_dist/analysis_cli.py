@@ -8,7 +8,6 @@ Heavy imports (h5py, scikit-learn, matplotlib, torch) happen in `run`, so `hvae 
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 
@@ -34,15 +33,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from hvae_dist.analysis import report, run_analysis, format_text
-    from hvae_dist.errors import HvaeError
 
     out = Path(args.out) if args.out else Path(args.file).resolve().parent / "analysis"
-    try:
-        result = run_analysis(args.file, args.in_dist, background=args.background, scores=args.scores)
-        written = report(result, out, plots=not args.no_plots, tensorboard=args.tensorboard, tb_step=args.tb_step)
-    except HvaeError as e:
-        print(f"hvae analyze: error: {e}", file=sys.stderr)
-        return 2
+    result = run_analysis(args.file, args.in_dist, background=args.background, scores=args.scores)
+    written = report(result, out, plots=not args.no_plots, tensorboard=args.tensorboard, tb_step=args.tb_step)
     print(format_text(result))
     print(f"\nwrote {len(written)} files to {out}"
           + (f"; TensorBoard: {args.tensorboard}" if args.tensorboard else ""))

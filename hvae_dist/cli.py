@@ -39,4 +39,10 @@ def main(argv: list[str] | None = None) -> int:
         build_parser("__none__").parse_args(argv)  # prints "invalid choice" and exits 2
     args = build_parser(command or "__none__").parse_args(argv)
     module = importlib.import_module(COMMANDS[args.command][0])
-    return int(module.run(args) or 0)
+    from hvae_dist.errors import HvaeError
+    try:
+        return int(module.run(args) or 0)
+    except HvaeError as e:
+        # Bad input is the user's to fix: one line naming what is wrong, no traceback.
+        print(f"hvae {args.command}: error: {e}", file=sys.stderr)
+        return 2
