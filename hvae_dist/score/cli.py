@@ -1,0 +1,70 @@
+"""`hvae score`: importance-weighted ELBO, L>k and LLR>k per example into OUT/shard-IIIII-of-NNNNN.h5.
+
+Shard index / count default from a SLURM job array (SLURM_ARRAY_TASK_ID - SLURM_ARRAY_TASK_MIN,
+SLURM_ARRAY_TASK_COUNT), else torchrun (RANK, WORLD_SIZE), else 0 of 1. Re-running a shard resumes it.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from hvae_dist.errors import ConfigError, HvaeError
+
+
+def _ks(values: list[str] | None):
+    if values is None or values == ["all"]:
+        return None
+    try:
+        return [int(v) for v in values]
+    except ValueError:
+        raise ConfigError(f"--ks {' '.join(values)}: give integers (e.g. --ks 1 2) or 'all'") from None
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--run-dir", required=True, help="training run dir (config.json, checkpoints/)")
+    p.add_argument("--checkpoint", default=None, help="checkpoint file (default: RUN_DIR/checkpoints/latest.pt)")
+    p.add_argument("--datasets", nargs="+", required=True, metavar="NAME:SPLIT",
+                   help="datasets to score, e.g. FashionMNIST:test MNIST:test")
+    p.add_argument("--iw-samples", type=int, default=1000, help="importance samples S of the ELBO bound (1000)")
+    p.add_argument("--iw-samples-lk", type=int, default=None, help="importance samples of each L>k bound (default S)")
+    p.add_argument("--ks", nargs="+", default=None, metavar="K",
+                   help="k of the L>k bounds, each in 0..L-1, or 'all' (default: all = 1..L-1)")
+    p.add_argument("--out", required=True, help="output folder for the shard files")
+    p.add_argument("--shard", type=int, default=None, help="this shard's index (default: from SLURM / torchrun, else 0)")
+    p.add_argument("--num-shards", type=int, default=None, help="number of shards (default: from SLURM / torchrun, else 1)")
+    p.add_argument("--max-examples", type=int, default=None, help="score only the first N examples of each dataset")
+    p.add_argument("--batch-size", type=int, default=32, help="examples per batch (does not change the scores)")
+    p.add_argument("--sample-chunk", type=int, default=64,
+                   help="samples per example per forward pass; rows per pass = batch * chunk (does not change scores)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the posterior noise and dynamic binarization")
+    p.add_argument("--no-ema", action="store_true", help="score the raw weights even when the checkpoint has EMA weights")
+    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                   help="network precision (bf16: autocast; log-densities fp32, reductions fp64)")
+    p.add_argument("--complexity", action="store_true",
+                   help="also store complexity_png / complexity_zlib (compressed size, nats) per example")
+    p.add_argument("--device", default="auto", help="auto (cuda:LOCAL_RANK when available, else cpu), cpu, cuda:N")
+    bar = p.add_mutually_exclusive_group()
+    bar.add_argument("--progress", dest="progress", action="store_true", default=None,
+                     help="show the progress bar even when stderr is not a terminal")
+    bar.add_argument("--no-progress", dest="progress", action="store_false", help="never show the progress bar")
+
+
+def run(args: argparse.Namespace) -> int:
+    from hvae_dist.score.plan import resolve_shard
+    from hvae_dist.score.runner import ScoreJob, run_score_job
+    from hvae_dist.score.scorer import ScoreSettings
+
+    try:
+        shard, num_shards = resolve_shard(args.shard, args.num_shards)
+        settings = ScoreSettings(iw_samples=args.iw_samples, iw_samples_lk=args.iw_samples_lk, ks=_ks(args.ks),
+                                 seed=args.seed, precision=args.precision, sample_chunk=args.sample_chunk)
+        job = ScoreJob(run_dir=args.run_dir, datasets=list(args.datasets), out=args.out, settings=settings,
+                       checkpoint=args.checkpoint, shard=shard, num_shards=num_shards, max_examples=args.max_examples,
+                       batch_size=args.batch_size, use_ema=not args.no_ema, complexity=args.complexity,
+                       device=args.device, progress=args.progress)
+        path = run_score_job(job)
+    except HvaeError as e:
+        print(f"hvae score: error: {e}", file=sys.stderr)
+        return 2
+    print(path)
+    return 0

@@ -1,0 +1,191 @@
+"""HDF5 score files: the layout, the shard writer (pre-sized, flushed batch by batch, resumable).
+
+Layout (DESIGN.md "Score file"), one group per dataset, e.g. "FashionMNIST/test", N rows:
+
+    index (N,) int64   elbo, elbo_1, bpd (N,) float64   lk, llr (N, K) float64   kl (N, L) float64
+    [complexity_png, complexity_zlib (N,) float64 with --complexity]    complete (N,) bool (shard files)
+
+Root attributes: see `IDENTITY_ATTRS` (the settings a resumed shard and a merge must agree on) plus
+model_checkpoint, package_version, config, created, and shard / num_shards in shard files.
+
+Crash safety. A shard file is made under a temporary name with every dataset allocated at full size
+(index filled from the plan, values NaN, complete False) and renamed into place, so no later write
+changes HDF5 metadata. A batch's values are written and flushed (H5Fflush) *before* its rows' complete
+flags are set and flushed, so after a crash (even SIGKILL) every row flagged complete holds its final
+values and a re-run recomputes at most the batch that was in flight.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from hvae_dist.errors import ScoreFileError
+
+FORMAT_VERSION = 1
+IDENTITY_ATTRS = ("format_version", "model_sha256", "iw_samples", "iw_samples_lk", "ks", "seed", "dtype", "ema",
+                  "binarize", "num_layers", "datasets", "dataset_sizes", "complexity")
+SHARD_ATTRS = ("shard", "num_shards")
+VALUE_FIELDS = ("elbo", "elbo_1", "lk", "llr", "kl", "bpd")
+JSON_ATTRS = ("config", "datasets", "dataset_sizes", "complexity")
+
+
+def file_sha256(path: str | Path, block: int = 1 << 22) -> str:
+    """Hex sha256 of a file's bytes (the checkpoint the scores come from)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(block):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def normalize_attr(key: str, value: Any) -> Any:
+    """An HDF5 attribute as plain Python: JSON attributes parsed, arrays as lists, numpy scalars as Python."""
+    if isinstance(value, bytes):
+        value = value.decode("utf-8")
+    if key in JSON_ATTRS and isinstance(value, str):
+        return json.loads(value)
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+def read_attrs(f) -> dict:
+    return {k: normalize_attr(k, v) for k, v in f.attrs.items()}
+
+
+def write_attrs(f, attrs: dict) -> None:
+    for key, value in attrs.items():
+        if key in JSON_ATTRS and not isinstance(value, str):
+            value = json.dumps(value, sort_keys=True)
+        elif key == "ks":
+            value = np.asarray(value, dtype=np.int64)
+        f.attrs[key] = value
+
+
+def open_h5(path: Path, mode: str):
+    """h5py.File or ScoreFileError naming the file (truncated / not HDF5 / locked)."""
+    import h5py
+
+    try:
+        return h5py.File(path, mode)
+    except (OSError, ValueError) as e:
+        raise ScoreFileError(f"{path}: cannot be opened as an HDF5 score file ({e}). It is truncated, corrupt or "
+                             f"in use by another process; if no job is writing it, delete it and re-run") from e
+
+
+@dataclass
+class GroupSpec:
+    """One dataset group of a shard: its rows (`index`, positions in the source dataset) and widths."""
+
+    name: str
+    index: np.ndarray
+    num_layers: int
+    num_ks: int
+    complexity: list = field(default_factory=list)
+
+    def shapes(self) -> dict[str, tuple[tuple[int, ...], Any]]:
+        n = len(self.index)
+        out = {"index": ((n,), np.int64), "elbo": ((n,), np.float64), "elbo_1": ((n,), np.float64),
+               "lk": ((n, self.num_ks), np.float64), "llr": ((n, self.num_ks), np.float64),
+               "kl": ((n, self.num_layers), np.float64), "bpd": ((n,), np.float64)}
+        for method in self.complexity:
+            out[f"complexity_{method}"] = ((n,), np.float64)
+        out["complete"] = ((n,), np.bool_)
+        return out
+
+
+def _row_selector(rows: np.ndarray):
+    """A slice when rows are consecutive (fast contiguous HDF5 write), else the sorted index list."""
+    if len(rows) and rows[-1] - rows[0] + 1 == len(rows):
+        return slice(int(rows[0]), int(rows[-1]) + 1)
+    return rows.tolist()
+
+
+class ShardWriter:
+    """Writes one shard file; `open()` creates it or resumes an existing one with the same identity."""
+
+    def __init__(self, path: Path, f, groups: list[GroupSpec]):
+        self.path, self.f, self.groups = path, f, {g.name: g for g in groups}
+
+    @classmethod
+    def open(cls, path: str | Path, attrs: dict, groups: list[GroupSpec]) -> "ShardWriter":
+        path = Path(path)
+        if path.exists():
+            f = open_h5(path, "r+")
+            try:
+                cls._check_existing(path, f, attrs, groups)
+            except BaseException:
+                f.close()
+                raise
+            return cls(path, f, groups)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        import h5py
+
+        with h5py.File(tmp, "w") as f:
+            write_attrs(f, attrs)
+            for g in groups:
+                grp = f.create_group(g.name)
+                for key, (shape, dtype) in g.shapes().items():
+                    if key == "index":
+                        data = np.asarray(g.index, dtype=np.int64)
+                    else:
+                        data = np.full(shape, False if dtype is np.bool_ else np.nan, dtype=dtype)
+                    grp.create_dataset(key, data=data)   # written in full: allocated now, never resized
+        os.replace(tmp, path)
+        return cls(path, open_h5(path, "r+"), groups)
+
+    @staticmethod
+    def _check_existing(path: Path, f, attrs: dict, groups: list[GroupSpec]) -> None:
+        have = read_attrs(f)
+        want = {k: normalize_attr(k, v) for k, v in attrs.items()}
+        for key in IDENTITY_ATTRS + SHARD_ATTRS:
+            if have.get(key) != want.get(key):
+                what = "another model (checkpoint sha256)" if key == "model_sha256" else f"other settings ({key})"
+                raise ScoreFileError(
+                    f"{path}: exists and was made with {what}: file has {key}={have.get(key)!r}, this run has "
+                    f"{want.get(key)!r}. Use another --out folder, or delete the file to rescore this shard")
+        for g in groups:
+            if g.name not in f:
+                raise ScoreFileError(f"{path}: group {g.name!r} is missing; the file is not from this job. Delete it")
+            grp = f[g.name]
+            for key, (shape, _) in g.shapes().items():
+                if key not in grp or grp[key].shape != shape:
+                    found = grp[key].shape if key in grp else "missing"
+                    raise ScoreFileError(f"{path}: {g.name}/{key} should have shape {shape}, found {found}; "
+                                         "the file is damaged or from another job. Delete it and re-run")
+            if not np.array_equal(grp["index"][()], g.index):
+                raise ScoreFileError(f"{path}: {g.name}/index differs from this run's shard plan "
+                                     "(other --max-examples or shard count?). Delete it or use another --out")
+
+    def pending(self, group: str) -> np.ndarray:
+        """Row positions (0-based, within this shard's group) not yet complete, ascending."""
+        return np.flatnonzero(~self.f[group]["complete"][()].astype(bool))
+
+    def write(self, group: str, rows: np.ndarray, values: dict[str, np.ndarray]) -> None:
+        """Write `values` (arrays whose first axis matches rows) for `rows`, flush, then mark them complete."""
+        grp, sel = self.f[group], _row_selector(np.asarray(rows))
+        for key, value in values.items():
+            grp[key][sel] = value
+        self.f.flush()                 # values on disk before ...
+        grp["complete"][sel] = True
+        self.f.flush()                 # ... the flags that vouch for them
+
+    def close(self) -> None:
+        if self.f:
+            self.f.close()
+            self.f = None
+
+    def __enter__(self) -> "ShardWriter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -1,0 +1,119 @@
+"""Helpers of the scoring tests: tiny models, run dirs with a checkpoint (no training engine needed),
+and the exact log p(x) of a model with a 2-dim latent by numerical integration on a grid."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from hvae_dist.config import config_from_dict
+from hvae_dist.model import build_model
+from hvae_dist.train.checkpoint import save_checkpoint
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _block(ch: int, stride: int) -> dict:
+    return {"block": "ResBlockConv2d", "out_channels": ch, "kernel_size": 3, "stride": stride,
+            "weightnorm": True, "gated": False}
+
+
+def small_config(channels: int = 8, binarize: str = "dynamic") -> dict:
+    """Three latent layers on 1x28x28 (conv 2x14x14, dense 4, dense 2): fast on CPU, L>1 and L>2 defined."""
+    return {
+        "model": {"type": "vae", "likelihood": "bernoulli", "input_shape": [1, 28, 28],
+                  "config_deterministic": [[_block(channels, 2)], [_block(channels, 2)], [_block(channels, 2)]],
+                  "config_stochastic": [{"block": "GaussianConv2d", "latent_features": 2, "weightnorm": True},
+                                        {"block": "GaussianDense", "latent_features": 4, "weightnorm": True},
+                                        {"block": "GaussianDense", "latent_features": 2, "weightnorm": True}]},
+        "data": {"dataset": "FashionMNIST", "binarize": binarize},
+        "train": {"seed": 0},
+    }
+
+
+def exact_config(latent: int = 2) -> dict:
+    """One stage, one dense latent of `latent` dims, 1x4x4 Bernoulli images: log p(x) is a 2-d integral."""
+    return {
+        "model": {"type": "vae", "likelihood": "bernoulli", "input_shape": [1, 4, 4],
+                  "config_deterministic": [[_block(4, 1)]],
+                  "config_stochastic": [{"block": "GaussianDense", "latent_features": latent, "weightnorm": True}]},
+        "data": {"dataset": "FashionMNIST", "binarize": "static"},
+        "train": {"seed": 0},
+    }
+
+
+def build(config: dict, seed: int = 0):
+    """(model in eval mode, Config) with weights from torch.manual_seed(seed)."""
+    cfg = config_from_dict(config)
+    torch.manual_seed(seed)
+    return build_model(cfg.model).eval(), cfg
+
+
+def make_run_dir(run_dir: str | Path, config: dict | None = None, seed: int = 0, step: int = 1) -> Path:
+    """A run dir as the trainer leaves it: config.json and checkpoints/{step-N,latest}.pt of a random-init model."""
+    run_dir = Path(run_dir)
+    model, cfg = build(config or small_config(), seed)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.json").write_text(cfg.to_json())
+    state = {"step": step, "epoch": 0, "batch_in_epoch": 0, "model": model.state_dict(), "ema": None,
+             "optimizer": {}, "scaler": None, "rng": [], "counters": {}, "config": cfg.to_dict()}
+    save_checkpoint(state, run_dir)
+    return run_dir
+
+
+@torch.no_grad()
+def exact_log_px(model, x: torch.Tensor, radius: float = 7.0, points: int = 401) -> torch.Tensor:
+    """log p(x) = log of the integral of p(x|z) N(z; 0, I) dz over a 2-d grid, float64. x: (B, 1, H, W) in {0, 1}.
+
+    Uses the model's own generative path for one dense latent: u = down(z), logits = head(dec_1(u)).
+    """
+    assert model.num_layers == 1 and model.latent_shapes[0] == (2,)
+    m = model.double()
+    g = torch.linspace(-radius, radius, points, dtype=torch.float64)
+    z = torch.cartesian_prod(g, g)                                            # G, 2
+    logits = m.likelihood.head(m.decoders[0](m.latents[0].down(z))).flatten(1)  # G, D
+    log_prior = -0.5 * (z ** 2).sum(1) - math.log(2 * math.pi)               # G
+    dz2 = math.log((g[1] - g[0]).item()) * 2
+    out = []
+    for xb in x.double().flatten(1):                                          # D
+        log_lik = (xb * F.logsigmoid(logits) + (1 - xb) * F.logsigmoid(-logits)).sum(1)  # G
+        out.append(torch.logsumexp(log_lik + log_prior, 0) + dz2)
+    model.float()
+    return torch.stack(out)
+
+
+def hvae_cli(*args: str, env: dict | None = None, check: bool = True, **kw) -> subprocess.CompletedProcess:
+    """`python -m hvae_dist ARGS` in a subprocess (CPU, 1 thread)."""
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", **(env or {})}
+    proc = subprocess.run([sys.executable, "-m", "hvae_dist", *args], cwd=REPO, env=full_env,
+                          capture_output=True, text=True, **kw)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"hvae {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr}")
+    return proc
+
+
+def read_groups(path: str | Path) -> dict:
+    from hvae_dist.score.reader import read_scores
+
+    return read_scores(path)
+
+
+def load_json(path: str | Path) -> dict:
+    return json.loads(Path(path).read_text())
+
+
+def score_args(run_dir, out, *extra: str, datasets=("FashionMNIST:test", "MNIST:test"), samples: int = 12,
+               max_examples: int = 7) -> list[str]:
+    return ["score", "--run-dir", str(run_dir), "--datasets", *datasets, "--iw-samples", str(samples),
+            "--out", str(out), "--max-examples", str(max_examples), "--no-progress", *extra]
+
+
+__all__ = ["REPO", "small_config", "exact_config", "build", "make_run_dir", "exact_log_px", "hvae_cli",
+           "read_groups", "score_args", "np"]
