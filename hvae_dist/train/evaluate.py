@@ -1,6 +1,7 @@
-"""Validation during training: IW ELBO and L>k on the validation sets, LLR>k AUROC, active units.
+"""Validation during training: IW ELBO and L>1 on the validation sets, LLR>1 AUROC, active units.
 
-Monitoring only (fresh random noise); the reproducible per-example scores come from `hvae score`.
+The bounds come from the scorer of `hvae score` (same deterministic noise), on the first
+`train.eval_examples` examples of each set with `train.eval_iw_samples` samples.
 """
 from __future__ import annotations
 
@@ -11,32 +12,8 @@ import torch
 
 from hvae_dist.config import Config
 from hvae_dist.data import get_dataset, parse_dataset_spec, preprocess_batch
-from hvae_dist.model import HierarchicalVAE, lk_modes
-from hvae_dist.objectives import StreamingLogMeanExp
-
-
-@torch.inference_mode()
-def iw_bounds(model: HierarchicalVAE, x: torch.Tensor, ks: list[int], iw_samples: int,
-              sample_chunk: int = 16) -> dict:
-    """{"elbo": (B,), "lk": (B, K), "kl": (B, L), "posterior_means": list (B, D_i)} with random noise, float64 nats."""
-    out: dict = {}
-    for key, k in [("elbo", 0)] + [(f"lk{k}", k) for k in ks]:
-        modes = lk_modes(k, model.num_layers)
-        pre = model.precompute(x, modes)
-        red, kl_sum = StreamingLogMeanExp(), 0.0
-        for start in range(0, iw_samples, sample_chunk):
-            n = min(sample_chunk, iw_samples - start)
-            o = model(modes=modes, precomputed=pre.repeat(n))
-            red.update(o.elbo.view(x.shape[0], n))
-            if k == 0:
-                kl_sum = kl_sum + o.kl.view(x.shape[0], n, -1).double().sum(1)
-                if start == 0:
-                    out["posterior_means"] = [m.view(x.shape[0], n, -1)[:, 0] for m in o.posterior_means]
-        out[key] = red.result()
-        if k == 0:
-            out["kl"] = kl_sum / iw_samples
-    out["lk"] = torch.stack([out.pop(f"lk{k}") for k in ks], dim=1) if ks else None
-    return out
+from hvae_dist.model import HierarchicalVAE
+from hvae_dist.score.scorer import IWScorer, ScoreSettings
 
 
 def active_units(posterior_means: list[torch.Tensor], threshold: float = 0.01) -> list[int]:
@@ -60,28 +37,32 @@ def evaluate(model: HierarchicalVAE, cfg: Config, device: torch.device, batch_si
     per_set: dict = {}
     was_training = model.training
     model.eval()
-    g = torch.Generator().manual_seed(t.seed)
+    scorer = IWScorer(model, ScoreSettings(iw_samples=t.eval_iw_samples, ks=ks, seed=t.seed,
+                                           binarize=cfg.data.binarize, sample_chunk=t.eval_iw_samples), device)
     for spec in cfg.data.val_datasets:
         name, split = parse_dataset_spec(spec)
         ds = get_dataset(name, split, cfg.data.root, cfg.data.download, t.eval_examples)
         images = torch.from_numpy(np.array(ds.images))
-        chunks = []
-        for start in range(0, len(ds), batch_size):
-            x = preprocess_batch(images[start:start + batch_size], cfg.data.binarize, g).to(device)
-            chunks.append(iw_bounds(model, x, ks, t.eval_iw_samples))
-        elbo = torch.cat([c["elbo"] for c in chunks]).cpu().numpy()
+        parts = [scorer.score_batch(images[a:a + batch_size], torch.arange(a, min(a + batch_size, len(ds))),
+                                    f"{name}/{split}") for a in range(0, len(ds), batch_size)]
+        elbo = np.concatenate([p["elbo"] for p in parts])
         tag = spec.replace(":", "_")
         results[f"val/{tag}/elbo"] = float(elbo.mean())
         results[f"val/{tag}/bpd"] = float(-elbo.mean() / (num_dims * math.log(2)))
         entry = {"elbo": elbo}
         if ks:
-            llr = elbo - torch.cat([c["lk"][:, 0] for c in chunks]).cpu().numpy()
-            results[f"val/{tag}/llr1"] = float(llr.mean())
-            entry["llr1"] = llr
+            entry["llr1"] = np.concatenate([p["llr"][:, 0] for p in parts])
+            results[f"val/{tag}/llr1"] = float(entry["llr1"].mean())
         per_set[spec] = entry
         if spec == cfg.data.val_datasets[0]:
-            means = [torch.cat([c["posterior_means"][i] for c in chunks]) for i in range(model.num_layers)]
-            for i, n in enumerate(active_units(means)):
+            # One posterior-sample pass for the posterior means (active units).
+            means = [[] for _ in range(model.num_layers)]
+            for a in range(0, len(ds), batch_size):
+                x = scorer.preprocess(images[a:a + batch_size].to(device), f"{name}/{split}",
+                                      torch.arange(a, min(a + batch_size, len(ds)), device=device))
+                for i, m in enumerate(model(x).posterior_means):
+                    means[i].append(m)
+            for i, n in enumerate(active_units([torch.cat(m) for m in means])):
                 results[f"val/active_units/layer{i + 1}"] = float(n)
     in_dist = per_set[cfg.data.val_datasets[0]]
     for spec in cfg.data.val_datasets[1:]:
