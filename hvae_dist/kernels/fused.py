@@ -1,0 +1,137 @@
+"""The fused DMoL likelihood: an autograd Function over a C++ (OpenMP + SIMD) / CUDA extension built on
+first use with torch.utils.cpp_extension.load (ninja).
+
+Forward writes only the per-pixel log-likelihood (B, H*W), reduced to (B,) here; backward recomputes each
+pixel's components once and writes grad_params (scaled by grad_output[b]) in one pass. Nothing of size
+M*C*H*W is ever materialised besides the gradient itself. x gets no gradient (it is data).
+
+Build cache: ``$TORCH_EXTENSIONS_DIR`` when set, else ``~/.cache/hvae_dist/torch_extensions``; the
+extension name carries a hash of the sources and flags (and, for the CPU build, of this CPU's features,
+since it is compiled with -march=native), so an edited source or another node type gets its own build
+and a shared home directory stays safe. Concurrent first uses (DDP ranks) wait on torch's file lock.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import platform
+import threading
+from pathlib import Path
+from types import ModuleType
+
+import torch
+from torch import Tensor
+
+from hvae_dist.kernels.reference import check_dmol_args, compute_dtype
+
+CSRC = Path(__file__).resolve().parent / "csrc"
+# -fno-trapping-math lets gcc if-convert the branch selects of the per-pixel math and so vectorize the
+# pixel loop, together with the polynomial exp/log of dmol_math.h. Deliberately NOT -ffast-math: that
+# implies -ffinite-math-only, which would break NaN propagation and the inf handling of the edge logic.
+CPU_CFLAGS = ["-O3", "-march=native", "-fno-trapping-math", "-fopenmp"]
+CPU_LDFLAGS = ["-fopenmp"]
+CUDA_CFLAGS = ["-O3"]
+
+_lock = threading.Lock()
+_extensions: dict[str, ModuleType | BaseException] = {}
+
+
+def _cpu_features() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return line
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def _source_hash(files: list[str], flags: list[str], extra: str = "") -> str:
+    h = hashlib.sha256()
+    for f in files:
+        h.update((CSRC / f).read_bytes())
+    h.update(" ".join(flags).encode())
+    h.update(extra.encode())
+    h.update(torch.__version__.encode())
+    return h.hexdigest()[:12]
+
+
+def build_root() -> Path:
+    """Where the compiled extensions are cached."""
+    env = os.environ.get("TORCH_EXTENSIONS_DIR")
+    return Path(env) if env else Path.home() / ".cache" / "hvae_dist" / "torch_extensions"
+
+
+def _build(kind: str, verbose: bool = False) -> ModuleType:
+    from torch.utils.cpp_extension import load
+
+    if kind == "cpu":
+        files, flags = ["dmol_math.h", "dmol_cpu.cpp"], CPU_CFLAGS
+        name = "hvae_dmol_cpu_" + _source_hash(files, flags + CPU_LDFLAGS, platform.machine() + _cpu_features())
+    else:
+        files, flags = ["dmol_math.h", "dmol_cuda.cu"], CUDA_CFLAGS
+        name = "hvae_dmol_cuda_" + _source_hash(files, flags, str(torch.version.cuda))
+    build_dir = build_root() / name
+    build_dir.mkdir(parents=True, exist_ok=True)
+    kwargs = dict(name=name, sources=[str(CSRC / files[1])], extra_include_paths=[str(CSRC)],
+                  build_directory=str(build_dir), verbose=verbose)
+    if kind == "cpu":
+        return load(extra_cflags=flags, extra_ldflags=CPU_LDFLAGS, **kwargs)
+    return load(extra_cflags=["-O3"], extra_cuda_cflags=flags, **kwargs)
+
+
+def load_extension(kind: str = "cpu", verbose: bool = False) -> ModuleType:
+    """The compiled extension for `kind` ('cpu' or 'cuda'), built on first use. Raises the build error
+    (also on later calls: a failed build is not retried within the process)."""
+    with _lock:
+        if kind not in _extensions:
+            try:
+                _extensions[kind] = _build(kind, verbose)
+            except Exception as e:  # compiler missing, compile error, ...: remembered, re-raised below
+                _extensions[kind] = e
+        ext = _extensions[kind]
+    if isinstance(ext, BaseException):
+        raise RuntimeError(f"the fused DMoL {kind} extension did not build: {ext}") from ext
+    return ext
+
+
+def extension_kind(device: torch.device) -> str | None:
+    """'cpu' / 'cuda' when the fused kernel can run on `device`, else None."""
+    if device.type == "cpu":
+        return "cpu"
+    if device.type == "cuda" and torch.cuda.is_available():
+        return "cuda"
+    return None
+
+
+class DmolFunction(torch.autograd.Function):
+    """log p(x) per example for x (B, C, HW) in the compute dtype and params (B, K, HW), both contiguous."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, params: Tensor, num_mixtures: int, bits: int, ext: ModuleType) -> Tensor:
+        lp = ext.forward(x, params, num_mixtures, bits)                      # B, HW (compute dtype)
+        if ctx.needs_input_grad[1]:
+            ctx.save_for_backward(x, params, lp)
+        ctx.num_mixtures, ctx.bits, ctx.ext = num_mixtures, bits, ext
+        return lp.sum(1)                                                     # B
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out: Tensor):
+        x, params, lp = ctx.saved_tensors
+        g = grad_out.to(lp.dtype).contiguous()
+        grad = ctx.ext.backward(x, params, lp, g, ctx.num_mixtures, ctx.bits)  # B, K, HW (params dtype)
+        return None, grad, None, None, None
+
+
+def dmol_fused(x: Tensor, params: Tensor, bits: int = 8) -> Tensor:
+    """The fused kernel (same contract as `dmol_log_prob`). Raises RuntimeError if it cannot run here."""
+    m, c = check_dmol_args(x, params, bits)
+    kind = extension_kind(params.device)
+    if kind is None:
+        raise RuntimeError(f"the fused DMoL kernel has no implementation for device {params.device}")
+    ext = load_extension(kind)
+    b, k, h, w = params.shape
+    xf = x.to(compute_dtype(params)).reshape(b, c, h * w).contiguous()     # B, C, HW
+    pf = params.reshape(b, k, h * w).contiguous()                            # B, K, HW
+    return DmolFunction.apply(xf, pf, m, bits, ext)
