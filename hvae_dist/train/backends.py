@@ -47,6 +47,10 @@ class Backend:
     def step(self, loss: torch.Tensor) -> StepResult:
         raise NotImplementedError
 
+    def model_state_dict(self) -> dict:
+        """The checkpoint's "model" entry: the unwrapped model's full state_dict (collective for sharded backends)."""
+        return self.raw_model.state_dict()
+
     def state_dict(self) -> dict:
         raise NotImplementedError
 

@@ -96,7 +96,7 @@ class Trainer:
             rngs = [None] * self.world.world_size
             torch.distributed.all_gather_object(rngs, rng)
         return {"step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
-                "model": self.model.state_dict(), "ema": self.ema.state_dict() if self.ema else None,
+                "model": self.backend.model_state_dict(), "ema": self.ema.state_dict() if self.ema else None,
                 **self.backend.state_dict(), "rng": rngs,
                 "counters": {"skipped_total": self.counters.skipped_total,
                              "skipped_in_row": self.counters.skipped_in_row,
