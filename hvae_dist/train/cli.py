@@ -34,26 +34,32 @@ def resolve_config(args: argparse.Namespace) -> Config:
     saved = Path(args.run_dir) / "config.json"
     if saved.exists():
         base = json.loads(saved.read_text())
-        for item in overrides:
-            if not item.startswith("train."):
-                raise ConfigError(f"cannot change '{item.split('=')[0]}' when resuming {args.run_dir}: only train.* "
-                                  "settings may change; start a new --run-dir instead")
-        if args.config is not None:
-            requested = config_from_dict(read_config_source(args.config)).to_dict()
-            for section in ("model", "data"):
-                stored = {k: v for k, v in base[section].items() if k != "input_shape"}
-                wanted = {k: v for k, v in requested[section].items() if k != "input_shape"}
-                if stored != wanted:
-                    raise ConfigError(f"--config {args.config} differs from {saved} in section '{section}'; "
-                                      "resume without --config, or use a new --run-dir")
-        return config_from_dict(apply_overrides(base, overrides))
+        # The command that started a run must resume it (SLURM requeues re-run the same command line):
+        # --config and model.* / data.* overrides may be repeated, but must not change the stored values.
+        requested = config_from_dict(apply_overrides(read_config_source(args.config) if args.config else base,
+                                                     overrides)).to_dict()
+        for section in ("model", "data"):
+            changed = sorted(k for k in base[section].keys() | requested[section].keys()
+                             if k != "input_shape" and base[section].get(k) != requested[section].get(k))
+            if changed:
+                given = f"--config {args.config} with --set" if args.config else "--set"
+                raise ConfigError(f"cannot change {', '.join(f'{section}.{k}' for k in changed)} when resuming "
+                                  f"{args.run_dir} ({given} differs from {saved}): only train.* settings may change; "
+                                  "resume with the run's own settings, or start a new --run-dir")
+        return config_from_dict(apply_overrides(base, [o for o in overrides if o.strip().startswith("train.")]))
     if args.config is None:
         raise ConfigError(f"{args.run_dir} has no config.json: give --config PRESET|FILE to start a new run")
     return config_from_dict(apply_overrides(read_config_source(args.config), overrides))
 
 
-def main(cfg: Config, run_dir: str | Path, progress: bool | None = None) -> dict:
-    """Train (or resume) `run_dir` with `cfg` in this process, as one rank of the world from the environment."""
+def main(cfg: Config, run_dir: str | Path, progress: bool | None = None, *,
+         on_trainer: Callable[[Any], None] | None = None, exit_process: bool = True) -> dict:
+    """Train (or resume) `run_dir` with `cfg` in this process, as one rank of the world from the environment.
+
+    `on_trainer(trainer)` runs once the Trainer exists and its signal handlers are installed (a SLURM
+    job hooks its own stop signal there). `exit_process=False`: in a distributed world, leave the
+    process group but do not end the process (see distributed.shutdown).
+    """
     import torch
 
     from hvae_dist.distributed import detect_world, device_for, init_distributed, shutdown

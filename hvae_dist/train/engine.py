@@ -32,8 +32,16 @@ from hvae_dist.train.ema import EMA
 
 log = logging.getLogger("hvae_dist.train")
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
-# Test-only fault injection: the loss of this step is made NaN on every rank (see tests/test_train_*.py).
+# Test-only fault injection: the loss of these steps is made NaN on every rank (see tests/test_train_*.py).
+# Value: a step ("3"), a comma list ("3,7") or "all".
 NAN_STEP_ENV = "HVAE_DEBUG_NAN_AT_STEP"
+
+
+def _nan_steps_from_env() -> set[int] | str:
+    raw = os.environ.get(NAN_STEP_ENV, "").strip()
+    if raw == "all":
+        return raw
+    return {int(s) for s in raw.split(",") if s.strip()}
 
 
 def _seed_of(*parts: int) -> int:
@@ -86,7 +94,7 @@ class Trainer:
         self.logger = logger
         self._stop_requested = False
         self._perm: tuple[int, torch.Tensor] | None = None
-        self._nan_step = int(os.environ.get(NAN_STEP_ENV, "-1"))
+        self._nan_steps = _nan_steps_from_env()
 
     # ----- state -----
     def state_dict(self) -> dict:
@@ -121,6 +129,8 @@ class Trainer:
             torch.cuda.set_rng_state(rng["cuda"])
 
     def save(self) -> Path | None:
+        if self.logger is not None:
+            self.logger.flush()  # events up to this step reach the disk before the checkpoint that resumes after them
         state = self.state_dict()  # collective in DDP: every rank takes part
         path = None
         if self.world.is_main:
@@ -186,7 +196,7 @@ class Trainer:
             out = self.backend.forward_module(x, noise=noise)
         loss = elbo_loss(out, beta=beta, free_nats=fn)
         total = loss.loss
-        if self.step == self._nan_step:
+        if self._nan_steps == "all" or self.step in self._nan_steps:
             total = total * float("nan")
         result = self.backend.step(total)
         if result.skipped:

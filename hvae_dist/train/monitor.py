@@ -45,9 +45,10 @@ class Monitor:
         if not self.is_main:
             return
         from torch.utils.tensorboard import SummaryWriter
-        # purge_step drops events a killed run wrote after its last checkpoint: the resumed run's step
-        # sequence then equals an uninterrupted run's.
-        self.writer = SummaryWriter(str(self.run_dir / "tb"), purge_step=step if step > 0 else None)
+        # purge_step drops events a killed run wrote after its last checkpoint (steps > `step`; those up to
+        # `step` were flushed before that checkpoint was saved, see flush()): the resumed run's step
+        # sequence then equals an uninterrupted run's. From step 0 it drops a run killed before its first checkpoint.
+        self.writer = SummaryWriter(str(self.run_dir / "tb"), purge_step=step + 1)
         if self.progress:
             from tqdm import tqdm
             self.bar = tqdm(total=max_steps, initial=step, desc="train", unit="step", dynamic_ncols=True)
@@ -94,6 +95,11 @@ class Monitor:
         recon = model.reconstruct(x[:32])
         pairs = torch.stack([x[:32].float(), recon.float()], dim=1).flatten(0, 1)
         self.writer.add_image("samples/reconstructions", make_grid(pairs.cpu(), nrow=8), trainer.step)
+
+    def flush(self) -> None:
+        """Write queued events to disk; called before each checkpoint so that a resume loses none of its steps."""
+        if self.writer is not None:
+            self.writer.flush()
 
     def close(self, trainer) -> None:
         if not self.is_main:
