@@ -120,7 +120,15 @@ class HierarchicalVAE(nn.Module):
             self.encoders.append(nn.Sequential(*enc))
             self.decoders.append(nn.Sequential(*dec))
             post_in = 2 * shape[0] if (cfg.type == "lvae" and i < num_layers - 1) else None
-            self.latents.append(build_stochastic(sto, shape, cfg.min_scale, post_in))
+            lat = build_stochastic(sto, shape, cfg.min_scale, post_in)
+            # Drop the heads the forward pass never calls, so every parameter gets a gradient (DDP without
+            # find_unused_parameters fails otherwise): the top prior is N(0, I), and z feeds the bottom-up
+            # path only below the top of a VAE (an LVAE's inference path never sees z).
+            if i == num_layers - 1:
+                lat.prior = None
+            if cfg.type == "lvae" or i == num_layers - 1:
+                lat.project_up = None
+            self.latents.append(lat)
             self.feature_shapes.append(shape)
         self.likelihood = build_likelihood(cfg.likelihood, cfg.config_deterministic[0][0]["out_channels"], c,
                                            cfg.num_mixtures, cfg.bits)
@@ -161,7 +169,8 @@ class HierarchicalVAE(nn.Module):
                 break
             q = self.latents[i].q(d)
             pre.q.append(q)
-            pre.h = d + self.latents[i].up(q.loc.to(d.dtype))
+            if i < self.num_layers - 1:  # the top z feeds no stage above it
+                pre.h = d + self.latents[i].up(q.loc.to(d.dtype))
         return pre
 
     def forward(self, x: Optional[Tensor] = None, modes: Optional[Sequence[str]] = None,
@@ -190,7 +199,8 @@ class HierarchicalVAE(nn.Module):
                 d = pre.d[0] if i == len(pre.q) and pre.d else self.encoders[i](h)
                 q_list[i] = self.latents[i].q(d)
                 z_post[i] = q_list[i].loc if modes[i] == PRIOR_MODE else q_list[i].rsample(draw(i, d))
-                h = d + self.latents[i].up(z_post[i].to(d.dtype))
+                if i < self.num_layers - 1:  # the top z feeds no stage above it
+                    h = d + self.latents[i].up(z_post[i].to(d.dtype))
 
         kl = pre.x.new_zeros(batch, self.num_layers, dtype=torch.float32)
         kl_dims: list[Tensor] = [None] * self.num_layers  # type: ignore[list-item]
