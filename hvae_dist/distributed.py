@@ -83,18 +83,21 @@ def init_distributed(world: World) -> None:
     torch.distributed.init_process_group(backend=backend, rank=world.rank, world_size=world.world_size)
 
 
-def shutdown(world: World, exit_code: int = 0) -> None:
+def shutdown(world: World, exit_code: int = 0, exit_process: bool = True) -> None:
     """Leave the world cleanly and end the process.
 
     2-process gloo runs sometimes abort in interpreter teardown after all work is done ("terminate
     called without an active exception"), which fails torchrun. Barrier, destroy the group, flush,
-    then os._exit skips the teardown that races.
+    then os._exit skips the teardown that races. `exit_process=False` only leaves the world: a host
+    process (a submitit SLURM job) still has work to do after training and ends the process itself.
     """
     if world.distributed and torch.distributed.is_initialized():
         try:
             torch.distributed.barrier()
         finally:
             torch.distributed.destroy_process_group()
+        if not exit_process:
+            return
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(exit_code)

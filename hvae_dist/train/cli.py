@@ -5,6 +5,7 @@ import argparse
 import json
 import logging
 from pathlib import Path
+from typing import Any, Callable
 
 from hvae_dist.config import PRECISIONS, BACKENDS, Config, apply_overrides, config_from_dict, read_config_source
 from hvae_dist.errors import ConfigError
@@ -83,6 +84,8 @@ def main(cfg: Config, run_dir: str | Path, progress: bool | None = None, *,
     trainer.write_config()
     trainer.logger = Monitor(run_dir, world.is_main, cfg.train.log_every, cfg.train.eval_every, progress)
     trainer.install_signal_handlers()
+    if on_trainer is not None:
+        on_trainer(trainer)
     if world.is_main:
         log.info("%s run %s: backend=%s precision=%s world=%d device=%s step=%d", "resuming" if resumed else "starting",
                  run_dir, cfg.train.backend, cfg.train.precision, world.world_size, device, trainer.step)
@@ -90,7 +93,7 @@ def main(cfg: Config, run_dir: str | Path, progress: bool | None = None, *,
     result = trainer.fit()
     if world.is_main:
         log.info("stopped at step %d (%s)", result["step"], result["reason"])
-    shutdown(world)
+    shutdown(world, exit_process=exit_process)
     return result
 
 

@@ -1,0 +1,397 @@
+"""`hvae submit` and the sbatch templates against a real SLURM (../shared/tools/local-slurm).
+
+Tests marked `slurm` skip with a reason where there is no cluster. They run the venv's python in the
+jobs (sys.executable), tiny models and timeouts; each test has its own folders (submitit's included).
+Reference runs outside SLURM: `torchrun --nproc_per_node 2` for training (the SLURM job is a 2-rank gloo
+world too, so weights must be bitwise equal), one unsharded `hvae score` + `hvae merge` for scores.
+Two virtual nodes (LOCAL_SLURM_NODES=2) make the training job span nodes; one node works as well.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from hvae_dist.config import read_config_source
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _cluster_up() -> bool:
+    if not os.environ.get("SLURM_CONF") or shutil.which("sinfo") is None:
+        return False
+    try:
+        return subprocess.run(["sinfo"], capture_output=True, timeout=30).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+needs_slurm = pytest.mark.skipif(not _cluster_up(),
+                                 reason="no local SLURM cluster (run ../shared/tools/local-slurm/start.sh)")
+slurm = [pytest.mark.slurm, needs_slurm]
+
+TRAIN_SET = ["--set", "data.max_train_examples=512", "--set", "train.batch_size=32", "--set", "train.eval_every=0",
+             "--set", "train.checkpoint_every=10"]
+SCORE_ARGS = ["--datasets", "FashionMNIST:test", "MNIST:test", "--iw-samples", "8", "--max-examples", "48",
+              "--batch-size", "4"]
+TERMINAL = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE",
+            "PREEMPTED")
+
+
+# ----- helpers -----
+def hvae(*argv: str, env: dict | None = None, timeout: float = 600) -> str:
+    p = subprocess.run([sys.executable, "-m", "hvae_dist", *argv], capture_output=True, text=True, timeout=timeout,
+                       env={**os.environ, **(env or {})}, cwd=ROOT)
+    assert p.returncode == 0, f"hvae {' '.join(argv)} failed ({p.returncode}):\n{p.stdout}\n{p.stderr[-4000:]}"
+    return p.stdout
+
+
+def submit(*argv: str, env: dict | None = None) -> tuple[dict, str]:
+    """Run `hvae submit ...`; returns ({"train"|"score"|"merge": job id}, stdout)."""
+    out = hvae("submit", *argv, env=env, timeout=120)
+    ids = {m.group(1): m.group(2) for m in re.finditer(r"^(train|score|merge) (?:job|array) (\d+)", out, re.M)}
+    return ids, out
+
+
+def sacct(job_id: str, duplicates: bool = False) -> list[str]:
+    """States of the job's allocations (array: one per task; with duplicates: requeued records too)."""
+    cmd = ["sacct", "-n", "-X", "-P", "-j", job_id, "--format=JobID,State"] + (["-D"] if duplicates else [])
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    return [line for line in p.stdout.splitlines() if line.strip()]
+
+
+def wait_done(job_id: str, timeout: float, expect: int = 1) -> list[str]:
+    """Poll sacct until the job (all `expect` array tasks) ended; returns their states."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        rows = sacct(job_id)
+        states = [r.split("|")[1].split()[0] for r in rows]
+        queued = subprocess.run(["squeue", "-h", "-j", job_id], capture_output=True, text=True).stdout.strip()
+        if len(states) >= expect and all(s in TERMINAL for s in states) and not queued:
+            return states
+        time.sleep(2)
+    subprocess.run(["scancel", job_id])
+    pytest.fail(f"job {job_id} did not end within {timeout} s: {sacct(job_id)}")
+
+
+def wait_for(cond, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return
+        time.sleep(0.5)
+    pytest.fail(f"timed out after {timeout} s waiting for {what}")
+
+
+def weights(run_dir: Path) -> dict:
+    return torch.load(run_dir / "checkpoints" / "latest.pt", map_location="cpu", weights_only=True)["model"]
+
+
+def assert_same_weights(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    diff = {k: float((a[k].double() - b[k].double()).abs().max()) for k in a if not torch.equal(a[k], b[k])}
+    assert not diff, f"weights differ: {diff}"
+
+
+def read_groups(path: Path) -> dict:
+    from hvae_dist.score.reader import read_scores
+
+    return read_scores(path)["groups"]
+
+
+def assert_same_scores(a: Path, b: Path) -> None:
+    ga, gb = read_groups(a), read_groups(b)
+    assert ga.keys() == gb.keys()
+    for g in ga:
+        assert ga[g].keys() == gb[g].keys(), g
+        for k in ga[g]:
+            np.testing.assert_array_equal(ga[g][k], gb[g][k], err_msg=f"{g}/{k}")
+
+
+def slurm_world() -> tuple[int, int]:
+    """(nodes, tasks per node) of a 2-rank job: across two nodes when the cluster has them."""
+    p = subprocess.run(["sinfo", "-h", "-o", "%D"], capture_output=True, text=True)
+    nodes = sum(int(x) for x in p.stdout.split() if x.isdigit())
+    return (2, 1) if nodes >= 2 else (1, 2)
+
+
+# ----- fixtures: small config and references made outside SLURM -----
+@pytest.fixture(scope="module")
+def work(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("slurm")
+
+
+@pytest.fixture(scope="module")
+def small_config(work) -> str:
+    """The tiny preset with 8 channels per block (fast on a shared 2-core machine)."""
+    cfg = read_config_source("tiny")
+    for stage in cfg["model"]["config_deterministic"]:
+        for block in stage:
+            block["out_channels"] = 8
+    path = work / "small.json"
+    path.write_text(json.dumps(cfg))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def reference_run(work, small_config):
+    """reference_run(steps): run dir of the same training outside SLURM (torchrun, 2 gloo ranks), cached."""
+    runs: dict[int, Path] = {}
+
+    def get(steps: int) -> Path:
+        if steps not in runs:
+            run_dir = work / f"torchrun-{steps}"
+            p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                                "-m", "hvae_dist", "train", "--config", small_config, "--run-dir", str(run_dir),
+                                "--backend", "ddp", "--max-steps", str(steps), "--no-progress", *TRAIN_SET],
+                               capture_output=True, text=True, timeout=900, cwd=ROOT)
+            assert p.returncode == 0, p.stderr[-4000:]
+            runs[steps] = run_dir
+        return runs[steps]
+
+    return get
+
+
+@pytest.fixture(scope="module")
+def trained(work, small_config) -> Path:
+    """A short local training run to score."""
+    run_dir = work / "scored-run"
+    hvae("train", "--config", small_config, "--run-dir", str(run_dir), "--max-steps", "10", "--no-progress", *TRAIN_SET)
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def reference_scores(work, trained) -> Path:
+    """scores.h5 of one unsharded local `hvae score` + `hvae merge` with SCORE_ARGS."""
+    out = work / "scores-local"
+    hvae("score", "--run-dir", str(trained), "--out", str(out), "--no-progress", *SCORE_ARGS)
+    hvae("merge", str(out))
+    return out / "scores.h5"
+
+
+def _train_argv(small_config: str, run_dir: Path, steps: int) -> list[str]:
+    nodes, tasks = slurm_world()
+    return ["train", "--config", small_config, "--run-dir", str(run_dir), "--nodes", str(nodes),
+            "--tasks-per-node", str(tasks), "--cpus-per-task", "1", "--time", "10", "--max-steps", str(steps),
+            *TRAIN_SET]
+
+
+# ----- tests without a cluster -----
+def _parse(*argv: str) -> argparse.Namespace:
+    from hvae_dist.cli import build_parser
+
+    return build_parser("submit").parse_args(["submit", *argv])
+
+
+def test_submit_score_passes_score_arguments_to_every_shard():
+    from hvae_dist.submit import score_argv
+
+    args = _parse("score", "--run-dir", "r", "--datasets", "FashionMNIST:test", "MNIST:test", "--iw-samples", "5",
+                  "--ks", "1", "2", "--out", "o", "--num-shards", "3", "--batch-size", "7", "--seed", "3",
+                  "--score-args", "--precision bf16")
+    assert score_argv(args, "/r", "/o") == ["--run-dir", "/r", "--datasets", "FashionMNIST:test", "MNIST:test",
+                                            "--iw-samples", "5", "--out", "/o", "--ks", "1", "2", "--batch-size", "7",
+                                            "--seed", "3", "--precision", "bf16"]
+    bad = _parse("score", "--run-dir", "r", "--datasets", "MNIST:test", "--out", "o", "--num-shards", "3",
+                 "--score-args", "--shard 1")
+    with pytest.raises(Exception, match="--shard"):
+        score_argv(bad, "/r", "/o")
+
+
+def test_submit_train_uses_ddp_for_several_tasks_and_checks_batch_split(tmp_path, small_config):
+    from hvae_dist.errors import ConfigError
+    from hvae_dist.submit import resolve_train_config
+
+    args = _parse("train", "--config", small_config, "--run-dir", str(tmp_path / "r"), "--nodes", "2",
+                  "--tasks-per-node", "2", *TRAIN_SET)
+    assert resolve_train_config(args, 4)["train"]["backend"] == "ddp"
+    args = _parse("train", "--config", small_config, "--run-dir", str(tmp_path / "r"), "--backend", "single",
+                  *TRAIN_SET)
+    with pytest.raises(ConfigError, match="--backend single"):
+        resolve_train_config(args, 2)
+    args = _parse("train", "--config", small_config, "--run-dir", str(tmp_path / "r"), "--set", "train.batch_size=30")
+    with pytest.raises(ConfigError, match="divisible"):
+        resolve_train_config(args, 4)
+
+
+def test_submit_without_slurm_says_so(tmp_path, small_config, monkeypatch, capsys):
+    from hvae_dist.cli import main
+
+    monkeypatch.setenv("PATH", str(tmp_path))           # no sbatch / srun
+    rc = main(["submit", "train", "--config", small_config, "--run-dir", str(tmp_path / "r"), *TRAIN_SET])
+    assert rc == 2
+    assert "needs SLURM" in capsys.readouterr().err
+
+
+# ----- tests on the cluster -----
+@pytest.mark.slurm
+@needs_slurm
+@pytest.mark.timeout(900)
+def test_two_task_train_job_matches_the_same_run_outside_slurm(tmp_path, small_config, reference_run):
+    run_dir = tmp_path / "run"
+    ids, out = submit(*_train_argv(small_config, run_dir, 20))
+    for where in ("logs:", "checkpoints:", "tensorboard --logdir", str(run_dir / "tb")):
+        assert where in out
+    assert wait_done(ids["train"], 600) == ["COMPLETED"]
+    ckpt = torch.load(run_dir / "checkpoints" / "latest.pt", map_location="cpu", weights_only=True)
+    assert ckpt["step"] == 20
+    assert_same_weights(ckpt["model"], weights(reference_run(20)))
+    assert "world=2" in (run_dir / "train.log").read_text()
+
+
+@pytest.mark.slurm
+@needs_slurm
+@pytest.mark.timeout(900)
+@pytest.mark.parametrize("how", ["submitit-preemption", "scontrol-requeue"])
+def test_preempted_train_job_requeues_resumes_and_ends_with_uninterrupted_weights(tmp_path, small_config,
+                                                                                 reference_run, how):
+    """submitit-preemption: SIGTERM then SIGUSR2 to every task, as submitit's own tests preempt (and as a
+    time-out arrives, minus the SIGTERM): the job saves, then requeues itself. scontrol-requeue: SLURM
+    sends SIGTERM and requeues the job itself; the job only has to save."""
+    run_dir, steps = tmp_path / "run", 120
+    ids, _ = submit(*_train_argv(small_config, run_dir, steps))
+    job = ids["train"]
+    wait_for(lambda: (run_dir / "checkpoints" / "step-20.pt").exists(), 600, "the step-20 checkpoint")
+    if how == "submitit-preemption":
+        subprocess.run(["scancel", "--signal=TERM", job], check=True)
+        subprocess.run(["scancel", "--signal=USR2", job], check=True)
+    else:
+        subprocess.run(["scontrol", "requeue", job], check=True)
+    assert wait_done(job, 600) == ["COMPLETED"]
+    records = [r.split("|")[1] for r in sacct(job, duplicates=True)]
+    assert "REQUEUED" in records, records
+    log = (run_dir / "train.log").read_text()
+    resumed = [int(s) for s in re.findall(r"resumed from .* at step (\d+)", log)]
+    assert resumed and 20 <= resumed[0] < steps, log[-3000:]
+    assert re.search(rf"saved checkpoint .*step-{resumed[0]}\.pt", log), "no checkpoint on the signal"
+    assert_same_weights(weights(run_dir), weights(reference_run(steps)))
+
+
+@pytest.mark.slurm
+@needs_slurm
+@pytest.mark.timeout(900)
+def test_score_array_and_dependent_merge_equal_an_unsharded_local_run(tmp_path, trained, reference_scores):
+    out = tmp_path / "scores"
+    ids, text = submit("score", "--run-dir", str(trained), "--out", str(out), "--num-shards", "3",
+                       "--max-concurrent", "3", "--cpus-per-task", "1", "--time", "10", *SCORE_ARGS)
+    assert f"merge job {ids['merge']}" in text and str(out / "scores.h5") in text
+    assert wait_done(ids["score"], 600, expect=3) == ["COMPLETED"] * 3
+    assert wait_done(ids["merge"], 300) == ["COMPLETED"]
+    assert sorted(p.name for p in out.glob("shard-*.h5")) == [f"shard-0000{i}-of-00003.h5" for i in range(3)]
+    assert_same_scores(out / "scores.h5", reference_scores)
+    assert (out / "analysis" / "metrics.md").exists()
+
+
+@pytest.mark.slurm
+@needs_slurm
+@pytest.mark.timeout(900)
+def test_preempted_score_shards_resume_their_files_without_loss_or_duplication(tmp_path, trained, reference_scores,
+                                                                              monkeypatch):
+    """Shard 0 gets submitit's preemption (TERM + USR2: it requeues itself), shard 2 an `scontrol requeue`."""
+    from hvae_dist.score.plan import shard_range
+
+    out, trace = tmp_path / "scores", tmp_path / "trace.txt"
+    monkeypatch.setenv("HVAE_SCORE_TRACE", str(trace))   # every computed row, appended by every shard
+    ids, _ = submit("score", "--run-dir", str(trained), "--out", str(out), "--num-shards", "3", "--cpus-per-task",
+                    "1", "--time", "10", "--no-analyze", *SCORE_ARGS, "--score-args", "--sample-chunk 2")
+    array = ids["score"]
+    n = 48
+    shard_of = lambda i: next(s for s in range(3) if shard_range(n, s, 3)[0] <= i < shard_range(n, s, 3)[1])  # noqa
+    rows = lambda: [(g, int(i)) for g, i in (l.split() for l in trace.read_text().splitlines())] if trace.exists() else []  # noqa
+
+    def interrupt(shard: int, cmds: list[list[str]]) -> None:
+        wait_for(lambda: sum(shard_of(i) == shard for _, i in rows()) >= 8, 600, f"shard {shard} to be under way")
+        for cmd in cmds:
+            subprocess.run(cmd + [f"{array}_{shard}"], check=True)
+
+    interrupt(0, [["scancel", "--signal=TERM"], ["scancel", "--signal=USR2"]])
+    interrupt(2, [["scontrol", "requeue"]])
+    assert wait_done(array, 600, expect=3) == ["COMPLETED"] * 3
+    assert wait_done(ids["merge"], 300) == ["COMPLETED"]
+    records = [r.split("|") for r in sacct(array, duplicates=True)]
+    requeued = {jid for jid, state in records if state.startswith("REQUEUED")}
+    assert {f"{array}_0", f"{array}_2"} <= requeued, records
+    assert_same_scores(out / "scores.h5", reference_scores)
+    counts = Counter(rows())
+    assert set(counts) == {(g, i) for g in ("FashionMNIST/test", "MNIST/test") for i in range(n)}
+    # At most the batch in flight when the signal came is computed twice (its rows were not yet complete).
+    again = [r for r, c in counts.items() if c > 1]
+    assert len(again) <= 2 * 4, again
+
+
+@pytest.mark.slurm
+@needs_slurm
+@pytest.mark.timeout(1200)
+def test_pipeline_chains_train_score_merge_and_analyze(tmp_path, small_config):
+    run_dir = tmp_path / "run"
+    ids, text = submit("pipeline", "--config", small_config, "--run-dir", str(run_dir), "--cpus-per-task", "1",
+                       "--time", "10", "--max-steps", "10", *TRAIN_SET, "--datasets", "FashionMNIST:test",
+                       "MNIST:test", "--iw-samples", "4", "--max-examples", "16", "--num-shards", "2",
+                       "--score-cpus-per-task", "1", "--score-time", "10")
+    assert set(ids) == {"train", "score", "merge"}, text
+    assert f"after job {ids['train']}" in text
+    assert wait_done(ids["train"], 600) == ["COMPLETED"]
+    assert wait_done(ids["score"], 600, expect=2) == ["COMPLETED"] * 2
+    assert wait_done(ids["merge"], 300) == ["COMPLETED"]
+    groups = read_groups(run_dir / "scores" / "scores.h5")
+    assert {g: len(v["index"]) for g, v in groups.items()} == {"FashionMNIST/test": 16, "MNIST/test": 16}
+    assert "MNIST" in (run_dir / "scores" / "analysis" / "metrics.md").read_text()
+
+
+@pytest.mark.slurm
+@needs_slurm
+@pytest.mark.timeout(1200)
+def test_sbatch_templates_train_requeue_score_array_and_merge(tmp_path, small_config, reference_run):
+    """slurm/*.sbatch as a user runs them; the train job gets USR1 (what --signal=B:USR1@120 sends) mid-run,
+    checkpoints, requeues itself and ends with the weights of an uninterrupted run."""
+    run_dir, out, steps = tmp_path / "run", tmp_path / "scores", 120
+    nodes, tasks = slurm_world()
+    env = {**os.environ, "HVAE_PYTHON": sys.executable}
+
+    def sbatch(*argv: str) -> str:
+        p = subprocess.run(["sbatch", "--parsable", "--chdir", str(ROOT), "--cpus-per-task", "1", "--time", "10",
+                            *argv], capture_output=True, text=True, env=env, timeout=60, check=True)
+        return p.stdout.strip().split(";")[0]
+
+    train = sbatch("--nodes", str(nodes), "--ntasks-per-node", str(tasks), "--output", str(tmp_path / "train-%j.out"),
+                   str(ROOT / "slurm" / "train.sbatch"), "--config", small_config, "--run-dir", str(run_dir),
+                   "--max-steps", str(steps), *TRAIN_SET)
+    score = sbatch("--array=0-2", f"--dependency=afterok:{train}", "--output", str(tmp_path / "score-%A_%a.out"),
+                   str(ROOT / "slurm" / "score.sbatch"), "--run-dir", str(run_dir), "--out", str(out), *SCORE_ARGS)
+    merge = sbatch(f"--dependency=afterok:{score}", "--output", str(tmp_path / "merge-%j.out"),
+                   str(ROOT / "slurm" / "merge.sbatch"), str(out), "FashionMNIST:test")
+    wait_for(lambda: (run_dir / "checkpoints" / "step-20.pt").exists(), 600, "the step-20 checkpoint")
+    subprocess.run(["scancel", "--batch", "--signal=USR1", train], check=True)
+    assert wait_done(train, 600) == ["COMPLETED"]
+    assert "REQUEUED" in [r.split("|")[1] for r in sacct(train, duplicates=True)]
+    assert_same_weights(weights(run_dir), weights(reference_run(steps)))
+    assert wait_done(score, 600, expect=3) == ["COMPLETED"] * 3
+    assert wait_done(merge, 300) == ["COMPLETED"]
+    groups = read_groups(out / "scores.h5")
+    assert {g: len(v["index"]) for g, v in groups.items()} == {"FashionMNIST/test": 48, "MNIST/test": 48}
+    assert (out / "analysis" / "metrics.md").exists()
+
+
+@pytest.mark.parametrize("launcher", ["fashionmnist_mnist.py", "cifar10_svhn.py"])
+def test_launchers_submit_a_valid_pipeline(launcher, tmp_path):
+    """The paper launchers' arguments parse, and their presets resolve for their world size."""
+    import runpy
+
+    from hvae_dist.submit import _train_world, resolve_train_config
+
+    defaults = runpy.run_path(str(ROOT / "launch" / launcher))["DEFAULTS"]
+    args = _parse("pipeline", *defaults, "--run-dir", str(tmp_path / "run"), "--partition", "gpu")
+    nodes, tasks = _train_world(args)
+    cfg = resolve_train_config(args, nodes * tasks)
+    assert cfg["train"]["backend"] in ("single", "ddp") and args.num_shards > 1 and args.iw_samples == 1000
