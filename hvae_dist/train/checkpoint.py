@@ -19,6 +19,7 @@ crash leaves either the old or the new checkpoint, never a torn one. Loading use
 from __future__ import annotations
 
 import os
+import pickle
 import re
 import tempfile
 from pathlib import Path
@@ -95,8 +96,15 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     if not path.exists():
         raise CheckpointError(f"checkpoint {path} does not exist")
     try:
-        with torch.serialization.safe_globals(_safe_globals()):
+        try:
             state = torch.load(path, map_location=map_location, weights_only=True)
+        except pickle.UnpicklingError as first:
+            # Only DeepSpeed checkpoints need more (its loss-scaler classes); importing DeepSpeed costs
+            # seconds, so it happens only for them.
+            if "deepspeed" not in str(first):
+                raise
+            with torch.serialization.safe_globals(_safe_globals()):
+                state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:
         raise CheckpointError(f"checkpoint {path} could not be read as a weights-only checkpoint: {e}") from e
     if not isinstance(state, dict) or state.get("schema_version") != SCHEMA_VERSION:
