@@ -12,7 +12,8 @@ class EMA:
 
     def __init__(self, model: nn.Module, decay: float):
         self.decay = decay
-        self.model = copy.deepcopy(model).eval()
+        # fp32 even when the backend keeps the module in bf16 (DeepSpeed): an average needs the precision.
+        self.model = copy.deepcopy(model).float().eval()
         for p in self.model.parameters():
             p.requires_grad_(False)
 
@@ -20,7 +21,7 @@ class EMA:
     def update(self, model: nn.Module) -> None:
         for e, p in zip(self.model.state_dict().values(), model.state_dict().values()):
             if e.dtype.is_floating_point:
-                e.lerp_(p.detach(), 1.0 - self.decay)
+                e.lerp_(p.detach().to(e.dtype), 1.0 - self.decay)
             else:
                 e.copy_(p)
 

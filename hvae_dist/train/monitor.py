@@ -47,7 +47,8 @@ class Monitor:
         from torch.utils.tensorboard import SummaryWriter
         # purge_step drops events a killed run wrote after its last checkpoint (steps > `step`; those up to
         # `step` were flushed before that checkpoint was saved, see flush()): the resumed run's step
-        # sequence then equals an uninterrupted run's. From step 0 it drops a run killed before its first checkpoint.
+        # sequence then equals an uninterrupted run's. From step 0 it drops a run killed before its first
+        # checkpoint.
         self.writer = SummaryWriter(str(self.run_dir / "tb"), purge_step=step + 1)
         if self.progress:
             from tqdm import tqdm
@@ -80,9 +81,11 @@ class Monitor:
     def evaluate(self, trainer) -> None:
         model = trainer.ema.model if trainer.ema is not None else trainer.model
         step = trainer.step
-        for key, value in evaluate(model, trainer.cfg, trainer.device).items():
-            self.writer.add_scalar(key, value, step)
-        self.write_images(trainer, model)
+        # Under the training precision: DeepSpeed bf16 holds the module's weights in bf16 themselves.
+        with trainer.backend.autocast():
+            for key, value in evaluate(model, trainer.cfg, trainer.device).items():
+                self.writer.add_scalar(key, value, step)
+            self.write_images(trainer, model)
         self.writer.flush()
 
     @torch.no_grad()
@@ -97,7 +100,7 @@ class Monitor:
         self.writer.add_image("samples/reconstructions", make_grid(pairs.cpu(), nrow=8), trainer.step)
 
     def flush(self) -> None:
-        """Write queued events to disk; called before each checkpoint so that a resume loses none of its steps."""
+        """Write queued events to disk (before each checkpoint, so that a resume loses none of its steps)."""
         if self.writer is not None:
             self.writer.flush()
 
