@@ -82,8 +82,8 @@ def measure(ranks: int, precision: str, args: argparse.Namespace) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         result = Path(tmp) / "result.json"
         inner = [__file__, "--worker", "--precision", precision, "--result", str(result),
-                 "--steps", str(args.steps), "--warmup", str(args.warmup), "--batch-size", str(args.batch_size),
-                 "--threads", str(args.threads)]
+                 "--steps", str(args.steps), "--warmup", str(args.warmup),
+                 "--batch-size", str(args.batch_size), "--threads", str(args.threads)]
         if ranks == 1:
             cmd = [sys.executable, *inner]
         else:
@@ -104,7 +104,8 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=3, help="untimed updates first")
     p.add_argument("--batch-size", type=int, default=64, help="global batch (the tiny preset's is 64)")
     p.add_argument("--repeats", type=int, default=1, help="interleaved repetitions; the median is reported")
-    p.add_argument("--threads", type=int, default=0, help="intra-op threads of every process (0: as hvae train)")
+    p.add_argument("--threads", type=int, default=0,
+                   help="intra-op threads of every process (0: as hvae train)")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--precision", default="fp32", help=argparse.SUPPRESS)
     p.add_argument("--result", help=argparse.SUPPRESS)

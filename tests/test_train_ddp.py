@@ -54,8 +54,8 @@ def test_ddp_ranks_end_with_identical_weights_that_match_a_single_process_run(tm
 
 def test_nan_loss_on_one_step_is_skipped_and_logged_on_every_ddp_rank(tmp_path):
     run_dir, dumps = tmp_path / "run", tmp_path / "dumps"
-    proc = th.run(th.dump_command(dumps, th.train_args(run_dir, STEPS, "ddp", train__checkpoint_every=1000), nproc=2),
-                  HVAE_DEBUG_NAN_AT_STEP="2")
+    args = th.train_args(run_dir, STEPS, "ddp", train__checkpoint_every=1000)
+    proc = th.run(th.dump_command(dumps, args, nproc=2), HVAE_DEBUG_NAN_AT_STEP="2")
     output = proc.stdout + proc.stderr
     assert output.count("step 2: skipped update (grad norm nan)") == 2, output[-4000:]   # rank 0 and rank 1
     ranks = th.rank_dumps(dumps, 2)

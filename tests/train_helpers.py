@@ -87,7 +87,8 @@ def env(**extra: str) -> dict:
 
 def run(cmd: list[str], timeout: float = 240, **env_extra: str) -> subprocess.CompletedProcess:
     """Run to completion; fails the test with the output when the exit status is not 0."""
-    proc = subprocess.run(cmd, env=env(**env_extra), cwd=REPO, capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(cmd, env=env(**env_extra), cwd=REPO, capture_output=True, text=True,
+                          timeout=timeout)
     if proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}"
                              f"\n--- stderr\n{proc.stderr[-6000:]}")
@@ -237,7 +238,8 @@ def _rank_main(argv: list[str]) -> int:
         result = fit(self, *a, **k)
         dump_dir.mkdir(parents=True, exist_ok=True)
         torch.save({"model": self.model.state_dict(), "optimizer": self.backend.optimizer.state_dict(),
-                    "counters": {"skipped_total": self.counters.skipped_total, "images_seen": self.counters.images_seen},
+                    "counters": {"skipped_total": self.counters.skipped_total,
+                                 "images_seen": self.counters.images_seen},
                     "step": self.step, "result": result}, dump_dir / f"rank-{detect_world().rank}.pt")
         return result
 

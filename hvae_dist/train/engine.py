@@ -130,7 +130,7 @@ class Trainer:
 
     def save(self) -> Path | None:
         if self.logger is not None:
-            self.logger.flush()  # events up to this step reach the disk before the checkpoint that resumes after them
+            self.logger.flush()  # events up to this step are on disk before the checkpoint a resume starts from
         state = self.state_dict()  # collective in DDP: every rank takes part
         path = None
         if self.world.is_main:
