@@ -188,12 +188,13 @@ def submit_train(args: argparse.Namespace, out=sys.stdout):
     args.run_dir = str(Path(args.run_dir).resolve())
     nodes, tasks = _train_world(args)
     cfg = resolve_train_config(args, nodes * tasks)
-    ex = make_executor(args.logs or Path(args.run_dir) / "slurm", args, job_name=f"hvae-train-{Path(args.run_dir).name}",
-                       nodes=nodes, tasks_per_node=tasks, dependency=_after(args.after))
+    ex = make_executor(args.logs or Path(args.run_dir) / "slurm", args, nodes=nodes, tasks_per_node=tasks,
+                       job_name=f"hvae-train-{Path(args.run_dir).name}", dependency=_after(args.after))
     job = ex.submit(TrainJob(cfg, args.run_dir))
     run = Path(args.run_dir)
     print(f"train job {job.job_id}: {nodes} node(s) x {tasks} task(s), backend={cfg['train']['backend']}, "
-          f"max_steps={cfg['train']['max_steps']}, time limit {args.time} min (checkpoints + requeues itself)", file=out)
+          f"max_steps={cfg['train']['max_steps']}, time limit {args.time} min (checkpoints + requeues itself)",
+          file=out)
     print(f"  logs:        {_log_paths(job)}  (and {run / 'train.log'})", file=out)
     print(f"  checkpoints: {run / 'checkpoints'} (latest.pt)", file=out)
     print(f"  TensorBoard: tensorboard --logdir {run / 'tb'}", file=out)

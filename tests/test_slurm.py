@@ -307,8 +307,13 @@ def test_preempted_score_shards_resume_their_files_without_loss_or_duplication(t
                     "1", "--time", "10", "--no-analyze", *SCORE_ARGS, "--score-args", "--sample-chunk 2")
     array = ids["score"]
     n = 48
-    shard_of = lambda i: next(s for s in range(3) if shard_range(n, s, 3)[0] <= i < shard_range(n, s, 3)[1])  # noqa
-    rows = lambda: [(g, int(i)) for g, i in (l.split() for l in trace.read_text().splitlines())] if trace.exists() else []  # noqa
+
+    def shard_of(i: int) -> int:
+        return next(s for s in range(3) if shard_range(n, s, 3)[0] <= i < shard_range(n, s, 3)[1])
+
+    def rows() -> list[tuple[str, int]]:
+        lines = trace.read_text().splitlines() if trace.exists() else []
+        return [(g, int(i)) for g, i in (line.split() for line in lines)]
 
     def interrupt(shard: int, cmds: list[list[str]]) -> None:
         wait_for(lambda: sum(shard_of(i) == shard for _, i in rows()) >= 8, 600, f"shard {shard} to be under way")
