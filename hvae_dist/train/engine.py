@@ -266,7 +266,7 @@ class Trainer:
                 break
         self.save()
         if self.logger is not None:
-            self.logger.close(self)
+            self.logger.close(self, evaluate=reason != "signal")
         return {"step": self.step, "reason": reason}
 
     def write_config(self) -> None:

@@ -104,10 +104,11 @@ class Monitor:
         if self.writer is not None:
             self.writer.flush()
 
-    def close(self, trainer) -> None:
+    def close(self, trainer, evaluate: bool = True) -> None:
+        """Final validation (unless just done, or `evaluate` is False: a preempted job's grace time is short)."""
         if not self.is_main:
             return
-        if self.eval_every and trainer.step % self.eval_every != 0:
+        if evaluate and self.eval_every and trainer.step % self.eval_every != 0:
             self.evaluate(trainer)
         if self.bar is not None:
             self.bar.close()
