@@ -141,10 +141,6 @@ class TrainJob(Checkpointable):
                          f"{Path(self.run_dir) / 'checkpoints'}; a re-run of this job resumes from it")
 
 
-def _exit_on_sigterm(signum: int, _frame=None) -> None:
-    raise SystemExit(f"hvae: got {signal.Signals(signum).name}; the shard file is closed and resumes on re-run")
-
-
 @dataclass
 class ScoreShard(Checkpointable):
     """One array task: `hvae score ARGV --shard I --num-shards N`; a re-run resumes the shard's HDF5 file."""
@@ -154,7 +150,6 @@ class ScoreShard(Checkpointable):
     num_shards: int
 
     def __call__(self) -> str:
-        signal.signal(signal.SIGTERM, _exit_on_sigterm)
         _hvae(["score", *self.argv, "--shard", str(self.shard), "--num-shards", str(self.num_shards),
                "--no-progress"])
         return self.argv[self.argv.index("--out") + 1]

@@ -6,9 +6,13 @@ SLURM_ARRAY_TASK_COUNT), else torchrun (RANK, WORLD_SIZE), else 0 of 1. Re-runni
 from __future__ import annotations
 
 import argparse
-import sys
+import signal
 
-from hvae_dist.errors import ConfigError, HvaeError
+from hvae_dist.errors import ConfigError
+
+
+def _exit_on_sigterm(signum: int, _frame=None) -> None:
+    raise SystemExit(f"hvae score: got {signal.Signals(signum).name}; the shard file is closed and resumes on re-run")
 
 
 def _ks(values: list[str] | None):
@@ -54,17 +58,16 @@ def run(args: argparse.Namespace) -> int:
     from hvae_dist.score.runner import ScoreJob, run_score_job
     from hvae_dist.score.scorer import ScoreSettings
 
-    try:
-        shard, num_shards = resolve_shard(args.shard, args.num_shards)
-        settings = ScoreSettings(iw_samples=args.iw_samples, iw_samples_lk=args.iw_samples_lk, ks=_ks(args.ks),
-                                 seed=args.seed, precision=args.precision, sample_chunk=args.sample_chunk)
-        job = ScoreJob(run_dir=args.run_dir, datasets=list(args.datasets), out=args.out, settings=settings,
-                       checkpoint=args.checkpoint, shard=shard, num_shards=num_shards, max_examples=args.max_examples,
-                       batch_size=args.batch_size, use_ema=not args.no_ema, complexity=args.complexity,
-                       device=args.device, progress=args.progress)
-        path = run_score_job(job)
-    except HvaeError as e:
-        print(f"hvae score: error: {e}", file=sys.stderr)
-        return 2
+    # SLURM preemption / scancel / requeue send SIGTERM: unwind so the shard's HDF5 file is closed cleanly
+    # (rows are marked complete only after they are written; a re-run resumes at the first incomplete one).
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    shard, num_shards = resolve_shard(args.shard, args.num_shards)
+    settings = ScoreSettings(iw_samples=args.iw_samples, iw_samples_lk=args.iw_samples_lk, ks=_ks(args.ks),
+                             seed=args.seed, precision=args.precision, sample_chunk=args.sample_chunk)
+    job = ScoreJob(run_dir=args.run_dir, datasets=list(args.datasets), out=args.out, settings=settings,
+                   checkpoint=args.checkpoint, shard=shard, num_shards=num_shards, max_examples=args.max_examples,
+                   batch_size=args.batch_size, use_ema=not args.no_ema, complexity=args.complexity,
+                   device=args.device, progress=args.progress)
+    path = run_score_job(job)
     print(path)
     return 0

@@ -2,22 +2,13 @@
 from __future__ import annotations
 
 import argparse
-import sys
-
-from hvae_dist.errors import HvaeError
-
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("out", help="folder holding shard-IIIII-of-NNNNN.h5 files (the --out of hvae score)")
 
-
 def run(args: argparse.Namespace) -> int:
     from hvae_dist.score.merge import merge_shards
 
-    try:
-        path = merge_shards(args.out)
-    except HvaeError as e:
-        print(f"hvae merge: error: {e}", file=sys.stderr)
-        return 2
+    path = merge_shards(args.out)
     print(path)
     return 0
