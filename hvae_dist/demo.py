@@ -18,8 +18,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="runs/demo", help="folder for the run, scores and report (default runs/demo)")
     p.add_argument("--minutes", type=float, default=10.0, help="training wall time budget (default 10)")
     p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
-    p.add_argument("--iw-samples", type=int, default=64, help="importance samples per bound (default 64)")
-    p.add_argument("--max-examples", type=int, default=1000, help="examples scored per dataset (default 1000)")
+    p.add_argument("--iw-samples", type=int, default=16, help="importance samples per bound (default 16)")
+    p.add_argument("--max-examples", type=int, default=500, help="examples scored per dataset (default 500)")
     p.add_argument("--datasets", nargs="+", default=["FashionMNIST:test", "MNIST:test", "AnimalMNIST:test"])
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="extra training config overrides")
