@@ -139,13 +139,6 @@ void check_inputs(const torch::Tensor& x, const torch::Tensor& params, int64_t M
               "dmol cpu: x must have the compute dtype of params");
 }
 
-#define DMOL_DISPATCH_C(C_, ...)                                  \
-  switch (C_) {                                                   \
-    case 1: { constexpr int kC = 1; __VA_ARGS__(); break; }       \
-    case 2: { constexpr int kC = 2; __VA_ARGS__(); break; }       \
-    default: { constexpr int kC = 3; __VA_ARGS__(); break; }      \
-  }
-
 // x: (B, C, HW) in [0, 1], compute dtype; params: (B, K, HW). Returns per-pixel log p, (B, HW), compute dtype.
 torch::Tensor dmol_forward(const torch::Tensor& x, const torch::Tensor& params, int64_t M, int64_t bits) {
   check_inputs(x, params, M);

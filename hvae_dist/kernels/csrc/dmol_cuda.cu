@@ -66,13 +66,6 @@ int num_blocks(int64_t total) {
   return static_cast<int>(std::max<int64_t>(1, std::min(want, cap)));
 }
 
-#define DMOL_DISPATCH_C(C_, ...)                                  \
-  switch (C_) {                                                   \
-    case 1: { constexpr int kC = 1; __VA_ARGS__(); break; }       \
-    case 2: { constexpr int kC = 2; __VA_ARGS__(); break; }       \
-    default: { constexpr int kC = 3; __VA_ARGS__(); break; }      \
-  }
-
 torch::Tensor dmol_forward(const torch::Tensor& x, const torch::Tensor& params, int64_t M, int64_t bits) {
   check_inputs(x, params, M);
   const c10::cuda::CUDAGuard guard(x.device());
