@@ -18,7 +18,9 @@ import numpy as np
 import torch
 
 from hvae_dist import __version__
+from hvae_dist.complexity import compressed_size_nats
 from hvae_dist.data import get_dataset, parse_dataset_spec
+from hvae_dist.distributed import detect_world, device_for
 from hvae_dist.errors import ConfigError
 from hvae_dist.score.plan import ShardPlan
 from hvae_dist.score.scorer import IWScorer, ScoreSettings
@@ -48,20 +50,8 @@ class ScoreJob:
 
 
 def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
-        return torch.device("cpu")
-    return torch.device(name)
-
-
-def _complexity_fn():
-    try:
-        from hvae_dist.complexity import compressed_size_nats
-    except ImportError as e:  # TODO(score): drop once hvae_dist.complexity ships with every install
-        raise ConfigError(f"--complexity needs hvae_dist.complexity.compressed_size_nats, which is not available "
-                          f"here ({e}); score without --complexity") from e
-    return compressed_size_nats
+    """`auto`: this rank's GPU when there is one (the distributed world decides which), else the CPU."""
+    return device_for(detect_world()) if name == "auto" else torch.device(name)
 
 
 def group_name(spec: str) -> str:
@@ -89,7 +79,7 @@ def run_score_job(job: ScoreJob) -> Path:
     model.to(device)
     settings = replace(job.settings, binarize=cfg.data.binarize).resolved(model.num_layers)
     scorer = IWScorer(model, settings, device)
-    complexity = _complexity_fn() if job.complexity else None
+    complexity = compressed_size_nats if job.complexity else None
 
     groups = [group_name(s) for s in job.datasets]
     if not groups:
