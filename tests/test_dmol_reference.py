@@ -3,12 +3,15 @@ finite gradients through every branch, sampling / mean, argument validation and 
 from __future__ import annotations
 
 import math
+import re
 import warnings
 
 import pytest
 import torch
 
 import hvae_dist.kernels as kernels
+import hvae_dist.kernels.constants as constants
+import hvae_dist.kernels.reference as reference
 from hvae_dist.kernels import (dmol_log_prob, dmol_mean, dmol_num_params, dmol_reference, dmol_sample,
                                dmol_split_params)
 
@@ -227,3 +230,40 @@ def test_build_failure_warns_once_and_falls_back_to_the_reference(monkeypatch):
     monkeypatch.setenv("HVAE_DMOL", "fused")
     with pytest.raises(RuntimeError, match="did not build"):
         dmol_log_prob(x, params)
+
+
+def test_dmol_constants_are_owned_by_the_header_the_kernel_includes():
+    header = (constants.CSRC / "dmol_constants.h").read_text()
+    in_header = {name: float(re.search(rf"^#define {name} (\S+)$", header, re.M)[1])
+                 for name in ("DMOL_LOG_SCALE_MIN", "DMOL_CDF_DELTA_MIN")}
+    assert in_header == {"DMOL_LOG_SCALE_MIN": -7.0, "DMOL_CDF_DELTA_MIN": 1e-5}
+    assert (constants.LOG_SCALE_MIN, constants.CDF_DELTA_MIN) == (-7.0, 1e-5)
+    assert (reference.LOG_SCALE_MIN, reference.CDF_DELTA_MIN) == (constants.LOG_SCALE_MIN, constants.CDF_DELTA_MIN)
+    math_h = (constants.CSRC / "dmol_math.h").read_text()
+    assert '#include "dmol_constants.h"' in math_h
+    assert "T(DMOL_LOG_SCALE_MIN)" in math_h and "T(DMOL_CDF_DELTA_MIN)" in math_h
+    assert not re.search(r"T\(-7|T\(1e-5", math_h)                 # no second copy in the kernel
+
+
+def test_the_reference_reads_its_constants_from_the_shared_names(monkeypatch):
+    x, params = random_case(2, 3, 3, 4, 4, seed=3)
+    base = dmol_reference(x, params)
+    # a higher floor equals clamping the log-scales by hand (none of them then falls below -7)
+    monkeypatch.setattr(reference, "LOG_SCALE_MIN", 0.0)
+    clamped = params.clone()
+    dmol_split_params(clamped, 3)[2].clamp_(min=0.0)
+    torch.testing.assert_close(dmol_reference(x, params), dmol_reference(x, clamped), rtol=0, atol=0)
+    assert not torch.equal(dmol_reference(x, params), base)
+    monkeypatch.setattr(reference, "LOG_SCALE_MIN", constants.LOG_SCALE_MIN)
+    monkeypatch.setattr(reference, "CDF_DELTA_MIN", 2.0)           # every interior bin takes the fallback
+    assert not torch.equal(dmol_reference(x, params), base)
+    monkeypatch.setattr(reference, "CDF_DELTA_MIN", constants.CDF_DELTA_MIN)
+    assert torch.equal(dmol_reference(x, params), base)
+
+
+def test_a_missing_or_malformed_constant_fails_loudly():
+    with pytest.raises(RuntimeError, match="#define DMOL_CDF_DELTA_MIN <number>"):
+        constants.parse_define("#define DMOL_LOG_SCALE_MIN -7.0\n", "DMOL_CDF_DELTA_MIN")
+    with pytest.raises(RuntimeError, match="not a plain number"):
+        constants.parse_define("#define DMOL_CDF_DELTA_MIN (1e-5)\n", "DMOL_CDF_DELTA_MIN")
+    assert constants.parse_define("  #define DMOL_X 1e-5  // why\n", "DMOL_X") == 1e-5

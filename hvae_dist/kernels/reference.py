@@ -11,10 +11,12 @@ likewise for log-scales. Coefficient slot ``q`` couples the pair (channel, earli
 C = 2 slot 0, C = 3 all three; the remaining slots are unused (kept for a uniform layout, zero gradient).
 ``dmol_split_params`` returns the four groups as views.
 
-Semantics (PixelCNN++ / VDVAE): x rescaled to [-1, 1]; log-scales clamped below at -7; the means of later
-channels shift by tanh(coeff) * (the true value of earlier channels); the bin half-width is 1 / (2^bits - 1).
-The lowest bin gets the mass below its upper edge, the highest the mass above its lower edge, interior bins
-log(cdf_plus - cdf_min) when that difference exceeds 1e-5, else log(density at the bin centre * bin width).
+Semantics (PixelCNN++ / VDVAE): x rescaled to [-1, 1]; log-scales clamped below at ``LOG_SCALE_MIN`` (-7);
+the means of later channels shift by tanh(coeff) * (the true value of earlier channels); the bin half-width
+is 1 / (2^bits - 1). The lowest bin gets the mass below its upper edge, the highest the mass above its lower
+edge, interior bins log(cdf_plus - cdf_min) when that difference exceeds ``CDF_DELTA_MIN`` (1e-5), else
+log(density at the bin centre * bin width). Both constants are owned by ``csrc/dmol_constants.h``, shared
+with the fused kernel, and read from it by `hvae_dist.kernels.constants`.
 The one numerical departure from the textbook code: cdf_plus - cdf_min is formed on the side of the bin
 centre where it does not cancel (sigmoid(-min_in) - sigmoid(-plus_in) above the mean), the same number in
 exact arithmetic but accurate in float32 where both cdfs are close to 1.
@@ -27,9 +29,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from hvae_dist.kernels.constants import CDF_DELTA_MIN, LOG_SCALE_MIN
+
 _PARAM_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 MAX_BITS = 16
-LOG_SCALE_MIN = -7.0
 
 
 def dmol_num_params(channels: int, num_mixtures: int) -> int:
@@ -131,7 +134,7 @@ def dmol_reference(x: Tensor, params: Tensor, bits: int = 8) -> Tensor:
     log_cdf_plus = plus_in - F.softplus(plus_in)                     # lowest bin
     log_one_minus_cdf_min = -F.softplus(min_in)                      # highest bin
     log_pdf_mid = mid_in - log_scales - 2.0 * F.softplus(mid_in)
-    interior = torch.where(cdf_delta > 1e-5, torch.log(cdf_delta.clamp(min=1e-12)),
+    interior = torch.where(cdf_delta > CDF_DELTA_MIN, torch.log(cdf_delta.clamp(min=1e-12)),
                            log_pdf_mid - math.log(n / 2))
     lp = torch.where(x < -1 + hw, log_cdf_plus,
                      torch.where(x > 1 - hw, log_one_minus_cdf_min, interior))   # B, C, M, H, W

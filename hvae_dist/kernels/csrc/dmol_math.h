@@ -12,9 +12,10 @@
 // A pixel's parameters are read at prm[k * stride] (NCHW: stride = H*W), so neighbouring pixels
 // (SIMD lanes / CUDA threads) read neighbouring addresses.
 //
-// Semantics follow PixelCNN++ / VDVAE: x in [-1, 1]; log-scale clamped below at -7; channel means
-// coupled by tanh(coefficient) * (true x of earlier channels); edge bins use the tail mass; the
-// interior uses log(cdf_plus - cdf_min) when that is > 1e-5, else the density at the bin centre
+// Semantics follow PixelCNN++ / VDVAE: x in [-1, 1]; log-scale clamped below at DMOL_LOG_SCALE_MIN (-7);
+// channel means coupled by tanh(coefficient) * (true x of earlier channels); edge bins use the tail
+// mass; the interior uses log(cdf_plus - cdf_min) when that is > DMOL_CDF_DELTA_MIN (1e-5; both
+// constants live in dmol_constants.h, shared with the Python reference), else the density at the bin centre
 // times the bin width. One deliberate numerical difference from the textbook code: cdf_delta is
 // computed on the side of the bin centre where it does not cancel (sigmoid(-z_min) - sigmoid(-z_plus)
 // when the bin lies above the mean), which is the same number in exact arithmetic.
@@ -23,6 +24,8 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+
+#include "dmol_constants.h"
 
 #if defined(__CUDACC__)
 #define HOST_DEVICE __host__ __device__ __forceinline__
@@ -179,12 +182,12 @@ HOST_DEVICE constexpr int pair_j(int q) { return q == 2 ? 1 : 0; }
 template <int C>
 HOST_DEVICE constexpr int num_pairs() { return C * (C - 1) / 2; }
 
-// log P(bin of x) for one channel under a logistic(mu, exp(max(ls_raw, -7))).
+// log P(bin of x) for one channel under a logistic(mu, exp(max(ls_raw, DMOL_LOG_SCALE_MIN))).
 // With GRAD, also d/dmu and d/dls_raw (zero below the clamp, as torch.clamp's backward).
 template <typename T, bool GRAD>
 HOST_DEVICE T channel_log_prob(T x, T mu, T ls_raw, const Bins<T>& bins, T& dmu, T& dls) {
-  const bool clamped = ls_raw < T(-7);
-  const T log_s = clamped ? T(-7) : ls_raw;
+  const bool clamped = ls_raw < T(DMOL_LOG_SCALE_MIN);
+  const T log_s = clamped ? T(DMOL_LOG_SCALE_MIN) : ls_raw;
   const T inv_s = d_exp(-log_s);
   const T centered = x - mu;
   const T zp = inv_s * (centered + bins.half_width);  // plus_in
@@ -201,7 +204,7 @@ HOST_DEVICE T channel_log_prob(T x, T mu, T ls_raw, const Bins<T>& bins, T& dmu,
   const bool low = x < bins.low_edge;
   const bool high = !low && x > bins.high_edge;
   const bool interior = !low && !high;
-  const bool ok = interior && delta > T(1e-5);
+  const bool ok = interior && delta > T(DMOL_CDF_DELTA_MIN);
   const bool fallback = interior && !ok;
 
   // lp = base + k * log(arg): one log whichever branch is taken (SIMD lanes take all branches).
