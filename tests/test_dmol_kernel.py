@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from hvae_dist.kernels import dmol_implementation, dmol_log_prob, dmol_reference, dmol_split_params
-from hvae_dist.kernels.fused import CSRC, dmol_fused, load_extension
+from hvae_dist.kernels.fused import CSRC, HEADERS, dmol_fused, load_extension
 
 from test_dmol_reference import random_case
 
@@ -118,6 +118,15 @@ def test_forward_saves_only_per_pixel_values_for_backward():
     assert sizes == sorted([b * 3 * hw, p.numel(), b * hw])   # x, params (inputs) and per-pixel log p
     with torch.no_grad():
         assert dmol_fused(x, params).grad_fn is None
+
+
+def test_the_drivers_share_one_binding_and_every_header_is_in_the_build_hash():
+    assert sorted(HEADERS) == sorted(p.name for p in CSRC.glob("*.h"))
+    sources = {p.name: p.read_text() for p in CSRC.iterdir()}
+    assert [n for n, t in sources.items() if "PYBIND11_MODULE" in t] == ["dmol_binding.h"]
+    assert [n for n, t in sources.items() if "AT_DISPATCH" in t] == ["dmol_binding.h"]
+    for driver in ("dmol_cpu.cpp", "dmol_cuda.cu"):
+        assert '#include "dmol_binding.h"' in sources[driver] and "TORCH_CHECK" not in sources[driver]
 
 
 def _torch_include_dirs() -> list[str]:

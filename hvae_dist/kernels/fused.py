@@ -25,6 +25,8 @@ from torch import Tensor
 from hvae_dist.kernels.constants import CSRC
 from hvae_dist.kernels.reference import check_dmol_args, compute_dtype
 
+# Every header the drivers include: part of the build hash, so editing one rebuilds the extension.
+HEADERS = ["dmol_constants.h", "dmol_math.h", "dmol_binding.h"]
 # -fno-trapping-math lets gcc if-convert the branch selects of the per-pixel math and so vectorize the
 # pixel loop, together with the polynomial exp/log of dmol_math.h. Deliberately NOT -ffast-math: that
 # implies -ffinite-math-only, which would break NaN propagation and the inf handling of the edge logic.
@@ -66,10 +68,10 @@ def _build(kind: str, verbose: bool = False) -> ModuleType:
     from torch.utils.cpp_extension import load
 
     if kind == "cpu":
-        files, flags = ["dmol_constants.h", "dmol_math.h", "dmol_cpu.cpp"], CPU_CFLAGS
+        files, flags = HEADERS + ["dmol_cpu.cpp"], CPU_CFLAGS
         name = "hvae_dmol_cpu_" + _source_hash(files, flags + CPU_LDFLAGS, platform.machine() + _cpu_features())
     else:
-        files, flags = ["dmol_constants.h", "dmol_math.h", "dmol_cuda.cu"], CUDA_CFLAGS
+        files, flags = HEADERS + ["dmol_cuda.cu"], CUDA_CFLAGS
         name = "hvae_dmol_cuda_" + _source_hash(files, flags, str(torch.version.cuda))
     build_dir = build_root() / name
     build_dir.mkdir(parents=True, exist_ok=True)

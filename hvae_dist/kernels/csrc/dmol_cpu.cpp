@@ -1,16 +1,14 @@
-// CPU (OpenMP) driver of the fused DMoL likelihood. The math lives in dmol_math.h.
+// CPU (OpenMP) driver of the fused DMoL likelihood. The math lives in dmol_math.h; the checks, the
+// dtype dispatch and the Python bindings in dmol_binding.h.
 //
 // Work split: OpenMP threads take (example, block of pixels) units; inside a unit, one
 // `#pragma omp simd` loop runs one pixel per SIMD lane over contiguous H*W positions, so every
 // parameter read / gradient write is a contiguous vector load / store of the NCHW tensor.
-#include <torch/extension.h>
-
-#include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>
 
-#include "dmol_math.h"
+#include "dmol_binding.h"
 
 namespace {
 
@@ -98,86 +96,44 @@ void backward_block(const T* xb, const P* pb, const T* lb, T g, P* gb, int64_t n
   }
 }
 
-template <int C, typename P, typename T>
-void forward_impl(const T* x, const P* params, T* out, int64_t B, int64_t K, int64_t HW, int M, int bits) {
-  const Layout L = make_layout(M, C);
-  const Bins<T> bins = make_bins<T>(bits);
-  const int64_t nblk = (HW + kBlock - 1) / kBlock;
-  at::parallel_for(0, B * nblk, 1, [=](int64_t begin, int64_t end) {
-    for (int64_t u = begin; u < end; ++u) {
-      const int64_t b = u / nblk, p0 = (u % nblk) * kBlock, n = std::min(HW - p0, kBlock);
-      forward_block<C, P, T>(x + b * C * HW + p0, params + b * K * HW + p0, out + b * HW + p0, n, HW, L, bins);
-    }
-  });
-}
+// The CPU side of dmol_binding.h's driver contract: one parallel_for over the (example, block) units.
+struct CpuDriver {
+  static constexpr const char* kName = "cpu";
+  static constexpr const char* kWhere = "on the CPU";
+  static bool on_device(const torch::Tensor& x, const torch::Tensor& params) {
+    return x.device().is_cpu() && params.device().is_cpu();
+  }
+  struct Guard {  // nothing to select on the CPU
+    explicit Guard(const c10::Device&) {}
+  };
 
-template <int C, typename P, typename T>
-void backward_impl(const T* x, const P* params, const T* lp, const T* gout_b, P* grad, int64_t B, int64_t K,
-                   int64_t HW, int M, int bits) {
-  const Layout L = make_layout(M, C);
-  const Bins<T> bins = make_bins<T>(bits);
-  const int64_t nblk = (HW + kBlock - 1) / kBlock;
-  at::parallel_for(0, B * nblk, 1, [=](int64_t begin, int64_t end) {
-    for (int64_t u = begin; u < end; ++u) {
-      const int64_t b = u / nblk, p0 = (u % nblk) * kBlock, n = std::min(HW - p0, kBlock);
-      backward_block<C, P, T>(x + b * C * HW + p0, params + b * K * HW + p0, lp + b * HW + p0, gout_b[b],
-                              grad + b * K * HW + p0, n, HW, L, bins);
-    }
-  });
-}
-
-void check_inputs(const torch::Tensor& x, const torch::Tensor& params, int64_t M) {
-  TORCH_CHECK(x.device().is_cpu() && params.device().is_cpu(), "dmol cpu: tensors must be on the CPU");
-  TORCH_CHECK(x.dim() == 3 && params.dim() == 3, "dmol cpu: expected x (B, C, HW) and params (B, K, HW)");
-  TORCH_CHECK(x.is_contiguous() && params.is_contiguous(), "dmol cpu: inputs must be contiguous");
-  const int64_t C = x.size(1);
-  TORCH_CHECK(C >= 1 && C <= 3, "dmol cpu: C must be 1, 2 or 3");
-  TORCH_CHECK(params.size(1) == M * (3 * C + 1), "dmol cpu: params has ", params.size(1), " channels, expected ",
-              M * (3 * C + 1));
-  TORCH_CHECK(x.size(0) == params.size(0) && x.size(2) == params.size(2), "dmol cpu: x / params shape mismatch");
-  TORCH_CHECK(x.scalar_type() == at::toOpMathType(params.scalar_type()),
-              "dmol cpu: x must have the compute dtype of params");
-}
-
-// x: (B, C, HW) in [0, 1], compute dtype; params: (B, K, HW). Returns per-pixel log p, (B, HW), compute dtype.
-torch::Tensor dmol_forward(const torch::Tensor& x, const torch::Tensor& params, int64_t M, int64_t bits) {
-  check_inputs(x, params, M);
-  const int64_t B = x.size(0), C = x.size(1), HW = x.size(2), K = params.size(1);
-  auto out = torch::empty({B, HW}, x.options());
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, params.scalar_type(), "dmol_forward_cpu", [&] {
-    using P = scalar_t;
-    using T = at::opmath_type<P>;
-    DMOL_DISPATCH_C(C, [&] {
-      forward_impl<kC, P, T>(x.data_ptr<T>(), params.data_ptr<P>(), out.data_ptr<T>(), B, K, HW,
-                             static_cast<int>(M), static_cast<int>(bits));
+  template <int C, typename P, typename T>
+  static void forward(const T* x, const P* params, T* out, int64_t B, int64_t K, int64_t HW, const Layout& L,
+                      const Bins<T>& bins) {
+    const int64_t nblk = (HW + kBlock - 1) / kBlock;
+    // [=]: the blocks get copies of L and bins, not references (see forward_block on why)
+    at::parallel_for(0, B * nblk, 1, [=](int64_t begin, int64_t end) {
+      for (int64_t u = begin; u < end; ++u) {
+        const int64_t b = u / nblk, p0 = (u % nblk) * kBlock, n = std::min(HW - p0, kBlock);
+        forward_block<C, P, T>(x + b * C * HW + p0, params + b * K * HW + p0, out + b * HW + p0, n, HW, L, bins);
+      }
     });
-  });
-  return out;
-}
+  }
 
-// lp: (B, HW) from dmol_forward; grad_out: (B,), compute dtype. Returns grad wrt params (params' dtype).
-torch::Tensor dmol_backward(const torch::Tensor& x, const torch::Tensor& params, const torch::Tensor& lp,
-                            const torch::Tensor& grad_out, int64_t M, int64_t bits) {
-  check_inputs(x, params, M);
-  TORCH_CHECK(lp.is_contiguous() && grad_out.is_contiguous(), "dmol cpu: lp / grad_out must be contiguous");
-  TORCH_CHECK(lp.scalar_type() == x.scalar_type() && grad_out.scalar_type() == x.scalar_type(),
-              "dmol cpu: lp / grad_out dtype");
-  const int64_t B = x.size(0), C = x.size(1), HW = x.size(2), K = params.size(1);
-  auto grad = torch::empty_like(params);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, params.scalar_type(), "dmol_backward_cpu", [&] {
-    using P = scalar_t;
-    using T = at::opmath_type<P>;
-    DMOL_DISPATCH_C(C, [&] {
-      backward_impl<kC, P, T>(x.data_ptr<T>(), params.data_ptr<P>(), lp.data_ptr<T>(), grad_out.data_ptr<T>(),
-                              grad.data_ptr<P>(), B, K, HW, static_cast<int>(M), static_cast<int>(bits));
+  template <int C, typename P, typename T>
+  static void backward(const T* x, const P* params, const T* lp, const T* gout_b, P* grad, int64_t B, int64_t K,
+                       int64_t HW, const Layout& L, const Bins<T>& bins) {
+    const int64_t nblk = (HW + kBlock - 1) / kBlock;
+    at::parallel_for(0, B * nblk, 1, [=](int64_t begin, int64_t end) {
+      for (int64_t u = begin; u < end; ++u) {
+        const int64_t b = u / nblk, p0 = (u % nblk) * kBlock, n = std::min(HW - p0, kBlock);
+        backward_block<C, P, T>(x + b * C * HW + p0, params + b * K * HW + p0, lp + b * HW + p0, gout_b[b],
+                                grad + b * K * HW + p0, n, HW, L, bins);
+      }
     });
-  });
-  return grad;
-}
+  }
+};
 
 }  // namespace
 
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("forward", &dmol_forward, "per-pixel DMoL log-likelihood (B, HW)");
-  m.def("backward", &dmol_backward, "gradient of sum_b grad_out[b] * log p(x_b) wrt params");
-}
+DMOL_DEFINE_EXTENSION(CpuDriver)

@@ -40,14 +40,6 @@
 #define DMOL_UNROLL _Pragma("GCC unroll 4")
 #endif
 
-// Host side: runs the lambda with the channel count C (1, 2 or 3) as the compile-time constant kC.
-#define DMOL_DISPATCH_C(C_, ...)                                  \
-  switch (C_) {                                                   \
-    case 1: { constexpr int kC = 1; __VA_ARGS__(); break; }       \
-    case 2: { constexpr int kC = 2; __VA_ARGS__(); break; }       \
-    default: { constexpr int kC = 3; __VA_ARGS__(); break; }      \
-  }
-
 namespace hvae_dmol {
 
 // ---------------------------------------------------------------------------------------------
