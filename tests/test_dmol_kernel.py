@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import hvae_dist.kernels.reference as reference
 from hvae_dist.kernels import dmol_implementation, dmol_log_prob, dmol_reference, dmol_split_params
 from hvae_dist.kernels.fused import CSRC, HEADERS, dmol_fused, load_extension
 
@@ -118,6 +119,29 @@ def test_forward_saves_only_per_pixel_values_for_backward():
     assert sizes == sorted([b * 3 * hw, p.numel(), b * hw])   # x, params (inputs) and per-pixel log p
     with torch.no_grad():
         assert dmol_fused(x, params).grad_fn is None
+
+
+@pytest.mark.parametrize("impl", ["fused", "reference"])
+def test_each_entry_point_validates_its_arguments_once(monkeypatch, impl):
+    calls = []
+    real = reference.check_dmol_args
+
+    def counting(*args):
+        calls.append(1)
+        return real(*args)
+
+    for module in ("hvae_dist.kernels", "hvae_dist.kernels.fused", "hvae_dist.kernels.reference"):
+        monkeypatch.setattr(f"{module}.check_dmol_args", counting)
+    checked = []                                    # _check_params: also called by dmol_split_params
+    real_params = reference._check_params
+    monkeypatch.setattr(reference, "_check_params", lambda *a: checked.append(1) or real_params(*a))
+    monkeypatch.setenv("HVAE_DMOL", impl)
+    x, params = random_case(2, 3, 2, 4, 4, dtype=torch.float32)
+    for fn in (dmol_log_prob, dmol_fused if impl == "fused" else dmol_reference):
+        calls.clear()
+        checked.clear()
+        fn(x, params)
+        assert (len(calls), len(checked)) == (1, 1), fn.__name__
 
 
 def test_the_drivers_share_one_binding_and_every_header_is_in_the_build_hash():

@@ -13,9 +13,9 @@ import warnings
 import torch
 from torch import Tensor
 
-from hvae_dist.kernels.fused import dmol_fused, extension_kind, load_extension
+from hvae_dist.kernels.fused import dmol_fused, extension_kind, fused_log_prob, load_extension
 from hvae_dist.kernels.reference import (check_dmol_args, dmol_mean, dmol_num_params, dmol_reference,
-                                         dmol_sample, dmol_split_params)
+                                         dmol_sample, dmol_split_params, reference_log_prob)
 
 __all__ = ["dmol_log_prob", "dmol_reference", "dmol_fused", "dmol_sample", "dmol_mean", "dmol_split_params",
            "dmol_num_params", "dmol_implementation"]
@@ -60,7 +60,7 @@ def dmol_log_prob(x: Tensor, params: Tensor, bits: int = 8) -> Tensor:
     fused kernel. params: (B, M*(3C+1), H, W), float16/bfloat16/float32/float64 (math in float32), same
     device. Arguments are validated on the host from shapes and dtypes only (no device sync).
     """
-    check_dmol_args(x, params, bits)
+    m, c = check_dmol_args(x, params, bits)  # once here: the implementations below do not check again
     if dmol_implementation(params.device) == "fused":
-        return dmol_fused(x, params, bits)
-    return dmol_reference(x, params, bits)
+        return fused_log_prob(x, params, bits, m, c)
+    return reference_log_prob(x, params, bits, m, c)

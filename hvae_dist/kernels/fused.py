@@ -129,6 +129,12 @@ class DmolFunction(torch.autograd.Function):
 def dmol_fused(x: Tensor, params: Tensor, bits: int = 8) -> Tensor:
     """The fused kernel (same contract as `dmol_log_prob`). Raises RuntimeError if it cannot run here."""
     m, c = check_dmol_args(x, params, bits)
+    return fused_log_prob(x, params, bits, m, c)
+
+
+def fused_log_prob(x: Tensor, params: Tensor, bits: int, m: int, c: int) -> Tensor:
+    """`dmol_fused` without the argument checks, for callers that already ran them:
+    ``m, c = check_dmol_args(x, params, bits)``. The extension re-checks only cheap layout invariants."""
     kind = extension_kind(params.device)
     if kind is None:
         raise RuntimeError(f"the fused DMoL kernel has no implementation for device {params.device}")

@@ -90,7 +90,11 @@ def compute_dtype(params: Tensor) -> torch.dtype:
 def dmol_split_params(params: Tensor, channels: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Views of the four parameter groups: logits (B, M, H, W) and means, log_scales (raw, unclamped),
     coeffs (raw, before tanh), each (B, C, M, H, W)."""
-    m = _check_params(params, channels)
+    return _split(params, channels, _check_params(params, channels))
+
+
+def _split(params: Tensor, channels: int, m: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """`dmol_split_params` for params already validated (`_check_params` returned `m`)."""
     b, _, h, w = params.shape
     logits = params[:, :m]                                           # B, M, H, W
     rest = params[:, m:].reshape(b, 3, channels, m, h, w)            # B, group, C, M, H, W
@@ -117,10 +121,16 @@ def dmol_reference(x: Tensor, params: Tensor, bits: int = 8) -> Tensor:
     gradients are finite wherever the edge bins or the low-probability fallback trigger.
     """
     m, c = check_dmol_args(x, params, bits)
+    return reference_log_prob(x, params, bits, m, c)
+
+
+def reference_log_prob(x: Tensor, params: Tensor, bits: int, m: int, c: int) -> Tensor:
+    """`dmol_reference` without the argument checks, for callers that already ran them:
+    ``m, c = check_dmol_args(x, params, bits)``."""
     dt = compute_dtype(params)
     n = float(2 ** bits - 1)
     hw = 1.0 / n
-    logits, means, log_scales, coeffs = dmol_split_params(params.to(dt), c)
+    logits, means, log_scales, coeffs = _split(params.to(dt), c, m)
     x = (x.to(dt) * 2 - 1).unsqueeze(2)                              # B, C, 1, H, W
     log_scales = log_scales.clamp(min=LOG_SCALE_MIN)                 # B, C, M, H, W
     mu = _coupled_means(means, torch.tanh(coeffs), x)                # B, C, M, H, W
