@@ -7,7 +7,7 @@ MARKERS ?= not slow
 PYTEST_ARGS ?=
 FASHION_MNIST_DIR := /usr/share/datasets/fashion-mnist
 
-.PHONY: venv data test test-all test-slurm demo bench clean
+.PHONY: venv data lint test test-all test-slurm demo bench clean
 
 venv: $(VENV)/.installed
 
@@ -30,7 +30,12 @@ data:
 	  else echo "note: FashionMNIST missing; run: sudo apt-get install dataset-fashion-mnist" >&2; fi; \
 	fi
 
-test: venv data
+# ruff (style, imports, bugbear) and import-linter (the layer contracts of pyproject.toml) on every test run.
+lint: venv
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/lint-imports
+
+test: venv data lint
 	$(PY) -m pytest -m "$(MARKERS)" $(PYTEST_ARGS)
 
 test-all:

@@ -14,7 +14,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from hvae_dist.errors import ConfigError
 
@@ -24,8 +24,12 @@ MODEL_TYPES = ("vae", "lvae")
 DETERMINISTIC_BLOCKS = ("ResBlockConv2d",)
 STOCHASTIC_BLOCKS = ("GaussianConv2d", "GaussianDense")
 BINARIZE_MODES = ("none", "dynamic", "static", "dequantize")
+ACTIVATIONS = ("silu", "elu", "relu", "leaky_relu")
 BACKENDS = ("single", "ddp", "deepspeed")
 PRECISIONS = ("fp32", "bf16", "fp16")
+SCORE_PRECISIONS = ("fp32", "bf16")     # fp16 has no loss scaling to protect a forward-only pass
+# ZeRO-3 shards the parameters themselves; checkpoints hold the full model, so stage 3 is not offered.
+ZERO_STAGES = (0, 1, 2)
 
 _DET_KEYS = {"block": str, "out_channels": int, "kernel_size": int, "stride": int, "weightnorm": bool,
              "gated": bool}
@@ -46,7 +50,7 @@ class ModelConfig:
     """Activation of the residual blocks: silu, elu, relu, leaky_relu."""
     min_scale: float = 1e-3
     """Floor added to softplus for every Gaussian scale."""
-    input_shape: Optional[list] = None
+    input_shape: list | None = None
     """(C, H, W) of the data; filled in from the dataset when a run starts."""
     config_deterministic: list = field(default_factory=list)
     """One list per stage of blocks {"block": "ResBlockConv2d", out_channels, kernel_size, stride, weightnorm, gated}."""
@@ -58,7 +62,7 @@ class ModelConfig:
 class DataConfig:
     dataset: str = "FashionMNIST"
     """Training set name (see `hvae_dist.data.DATASET_NAMES`)."""
-    root: Optional[str] = None
+    root: str | None = None
     """Folder with torchvision's files; unset: the offline sources of this package."""
     download: bool = False
     """Let torchvision download into `root` (needs internet)."""
@@ -66,7 +70,7 @@ class DataConfig:
     """Input transform: none (8-bit values k/255), dynamic / static binarization, dequantize."""
     val_datasets: list = field(default_factory=lambda: ["FashionMNIST:validation", "MNIST:validation"])
     """NAME:SPLIT sets evaluated during training; the first is in-distribution, the rest OOD."""
-    max_train_examples: Optional[int] = None
+    max_train_examples: int | None = None
     """Use only the first N training examples (quick runs)."""
     perturb_rate: float = 0.0
     """Background-model training (Ren et al. 2019): each pixel replaced by a uniform value with this probability."""
@@ -82,7 +86,7 @@ class TrainConfig:
     """Adam learning rate."""
     max_steps: int = 100_000
     """Optimizer steps (skipped updates count as steps)."""
-    max_minutes: Optional[float] = None
+    max_minutes: float | None = None
     """Stop (with a checkpoint) after this wall time."""
     train_samples: int = 1
     """Posterior samples per example in the training ELBO."""
@@ -96,7 +100,7 @@ class TrainConfig:
     """Linear KL warm-up of beta from 0 to 1 over this many steps (0: beta = 1)."""
     grad_clip: float = 200.0
     """Clip the global gradient norm to this value (0: off)."""
-    skip_threshold: Optional[float] = None
+    skip_threshold: float | None = None
     """Skip an update whose gradient norm exceeds this (non-finite norms are always skipped)."""
     max_skipped: int = 100
     """Stop with TrainingDivergedError after this many skipped updates in a row."""
@@ -121,8 +125,8 @@ class TrainConfig:
     precision: str = "fp32"
     """fp32, bf16 or fp16 (autocast for the network; likelihood and KL stay fp32)."""
     deepspeed_zero_stage: int = 1
-    """ZeRO stage 0-3 of the generated DeepSpeed config."""
-    deepspeed_config: Optional[str] = None
+    """ZeRO stage of the generated DeepSpeed config: 0, 1 or 2 (3 is refused: checkpoints hold the full model)."""
+    deepspeed_config: str | None = None
     """A DeepSpeed JSON whose keys override the generated ones."""
 
 
@@ -196,10 +200,11 @@ def config_from_dict(data: dict) -> Config:
     return cfg
 
 
-def _deep_update(base: dict, new: dict) -> dict:
+def deep_merge(base: dict, new: dict) -> dict:
+    """A copy of `base` with `new` merged in: nested dicts merge key by key, any other value replaces."""
     out = dict(base)
     for key, value in new.items():
-        out[key] = _deep_update(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+        out[key] = deep_merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
     return out
 
 
@@ -238,7 +243,7 @@ def parse_override(item: str) -> tuple[list[str], Any]:
 def apply_overrides(data: dict, overrides: list[str] | None) -> dict:
     for item in overrides or []:
         (section, key), value = parse_override(item)
-        data = _deep_update(data, {section: {key: value}})
+        data = deep_merge(data, {section: {key: value}})
     return data
 
 
@@ -280,7 +285,7 @@ def validate(cfg: Config) -> None:
     m, d, t = cfg.model, cfg.data, cfg.train
     _check_choice("model.type", m.type, MODEL_TYPES)
     _check_choice("model.likelihood", m.likelihood, LIKELIHOODS)
-    _check_choice("model.activation", m.activation, ("silu", "elu", "relu", "leaky_relu"))
+    _check_choice("model.activation", m.activation, ACTIVATIONS)
     _check_positive("model.num_mixtures", m.num_mixtures)
     _check_positive("model.bits", m.bits)
     _check_positive("model.min_scale", m.min_scale)
@@ -327,4 +332,7 @@ def validate(cfg: Config) -> None:
         _check_positive("train.max_minutes", t.max_minutes)
     _check_choice("train.backend", t.backend, BACKENDS)
     _check_choice("train.precision", t.precision, PRECISIONS)
-    _check_choice("train.deepspeed_zero_stage", t.deepspeed_zero_stage, (0, 1, 2, 3))
+    if t.deepspeed_zero_stage not in ZERO_STAGES:
+        raise ConfigError(f"config key 'train.deepspeed_zero_stage': {t.deepspeed_zero_stage!r} is not allowed; choose "
+                          f"one of {', '.join(map(str, ZERO_STAGES))} (ZeRO-3 shards the parameters, but checkpoints "
+                          "hold the full model)")

@@ -1,5 +1,5 @@
 """The one place that knows the distributed world: rank / world size / device from torchrun, SLURM or a
-single process; process-group set-up and a clean shutdown; seeding.
+single process; process-group set-up, a clean shutdown, and the mean over ranks.
 
 Environment precedence: torchrun's RANK / WORLD_SIZE / LOCAL_RANK; else SLURM's SLURM_PROCID /
 SLURM_NTASKS / SLURM_LOCALID (one task per rank under `srun`), with MASTER_ADDR from the first host
@@ -8,13 +8,11 @@ of SLURM_JOB_NODELIST and MASTER_PORT derived from the job id; else a single pro
 from __future__ import annotations
 
 import os
-import random
 import re
 import subprocess
 import sys
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 
@@ -101,12 +99,6 @@ def shutdown(world: World, exit_code: int = 0, exit_process: bool = True) -> Non
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(exit_code)
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
 
 
 def all_reduce_mean(t: torch.Tensor, world: World) -> torch.Tensor:

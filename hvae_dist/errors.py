@@ -23,3 +23,7 @@ class ScoreFileError(HvaeError):
 
 class TrainingDivergedError(HvaeError):
     """Too many updates were skipped (non-finite or too-large gradient norm)."""
+
+
+class SubmitError(HvaeError):
+    """SLURM is not reachable or refused a job."""

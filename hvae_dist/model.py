@@ -24,16 +24,15 @@ it equals the ELBO forward for the same noise. The model is pure: no device, pre
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
-from typing import Optional, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from hvae_dist.config import ModelConfig
 from hvae_dist.errors import ConfigError
-from hvae_dist.likelihoods import build_likelihood
-from hvae_dist.nn import Gaussian, ResBlockConv2d, build_stochastic
+from hvae_dist.nn import Gaussian, ResBlockConv2d, build_likelihood, build_stochastic
 
 SAMPLE, PRIOR_MODE = "sample", "prior_mode"
 
@@ -72,9 +71,9 @@ class Precomputed:
     x: Tensor                                   # (B, C, H, W) data as given to log p(x|z)
     d: list = field(default_factory=list)       # LVAE: d_1..d_L; VAE: [d_j] of the first sampled stage j
     q: list = field(default_factory=list)       # VAE: Gaussians of the leading prior-mode layers
-    h: Optional[Tensor] = None                  # VAE: input of the first sampled stage (unused when d given)
+    h: Tensor | None = None                  # VAE: input of the first sampled stage (unused when d given)
 
-    def repeat(self, n: int) -> "Precomputed":
+    def repeat(self, n: int) -> Precomputed:
         """Each row repeated n times (row b*n + s is sample s of example b)."""
         if n == 1:
             return self
@@ -99,7 +98,6 @@ class HierarchicalVAE(nn.Module):
         self.type = cfg.type
         c, h, w = self.input_shape
         self.encoders, self.decoders, self.latents = nn.ModuleList(), nn.ModuleList(), nn.ModuleList()
-        self.feature_shapes: list[tuple[int, int, int]] = []
         shape = (c, h, w)
         num_layers = len(cfg.config_stochastic)
         for i, (blocks, sto) in enumerate(zip(cfg.config_deterministic, cfg.config_stochastic)):
@@ -129,7 +127,6 @@ class HierarchicalVAE(nn.Module):
             if cfg.type == "lvae" or i == num_layers - 1:
                 lat.project_up = None
             self.latents.append(lat)
-            self.feature_shapes.append(shape)
         self.likelihood = build_likelihood(cfg.likelihood, cfg.config_deterministic[0][0]["out_channels"], c,
                                            cfg.num_mixtures, cfg.bits)
 
@@ -142,7 +139,7 @@ class HierarchicalVAE(nn.Module):
         """Event shape of each latent layer, bottom first."""
         return [lat.event_shape for lat in self.latents]
 
-    def _check_modes(self, modes: Optional[Sequence[str]]) -> list[str]:
+    def _check_modes(self, modes: Sequence[str] | None) -> list[str]:
         modes = list(modes) if modes is not None else [SAMPLE] * self.num_layers
         if len(modes) != self.num_layers or any(m not in (SAMPLE, PRIOR_MODE) for m in modes):
             raise ValueError(f"modes must be {self.num_layers} of {SAMPLE!r}/{PRIOR_MODE!r}, got {modes}")
@@ -152,7 +149,7 @@ class HierarchicalVAE(nn.Module):
     def _model_input(x: Tensor) -> Tensor:
         return x * 2.0 - 1.0
 
-    def precompute(self, x: Tensor, modes: Optional[Sequence[str]] = None) -> Precomputed:
+    def precompute(self, x: Tensor, modes: Sequence[str] | None = None) -> Precomputed:
         """The part of the forward pass that does not depend on the noise. x: (B, C, H, W) in [0, 1]."""
         modes = self._check_modes(modes)
         if self.type == "lvae":
@@ -173,8 +170,8 @@ class HierarchicalVAE(nn.Module):
                 pre.h = d + self.latents[i].up(q.loc.to(d.dtype))
         return pre
 
-    def forward(self, x: Optional[Tensor] = None, modes: Optional[Sequence[str]] = None,
-                noise: Optional[Sequence[Tensor]] = None, precomputed: Optional[Precomputed] = None) -> ModelOutput:
+    def forward(self, x: Tensor | None = None, modes: Sequence[str] | None = None,
+                noise: Sequence[Tensor] | None = None, precomputed: Precomputed | None = None) -> ModelOutput:
         """One pass; x: (B, C, H, W) in the likelihood's data space ({0,1} or k/255), or `precomputed`.
 
         noise: optional standard-normal tensors, one per layer, (B, *event_shape_i) (entries of prior-mode
@@ -189,8 +186,8 @@ class HierarchicalVAE(nn.Module):
             e = eps[i] if eps[i] is not None else torch.randn(batch, *self.latents[i].event_shape, device=like.device)
             return e.to(device=like.device, dtype=torch.float32)
 
-        q_list: list[Optional[Gaussian]] = [None] * self.num_layers
-        z_post: list[Optional[Tensor]] = [None] * self.num_layers
+        q_list: list[Gaussian | None] = [None] * self.num_layers
+        z_post: list[Tensor | None] = [None] * self.num_layers
         if self.type == "vae":
             for i, q in enumerate(pre.q):
                 q_list[i] = q
@@ -204,7 +201,7 @@ class HierarchicalVAE(nn.Module):
 
         kl = pre.x.new_zeros(batch, self.num_layers, dtype=torch.float32)
         kl_dims: list[Tensor] = [None] * self.num_layers  # type: ignore[list-item]
-        u: Optional[Tensor] = None
+        u: Tensor | None = None
         for i in reversed(range(self.num_layers)):
             lat = self.latents[i]
             if i == self.num_layers - 1:
@@ -233,10 +230,10 @@ class HierarchicalVAE(nn.Module):
                            posterior_means=[q.loc.flatten(1) for q in q_list], params=params)
 
     @torch.no_grad()
-    def sample_prior(self, n: int, device: torch.device | str = "cpu", generator: Optional[torch.Generator] = None,
+    def sample_prior(self, n: int, device: torch.device | str = "cpu", generator: torch.Generator | None = None,
                      mean_image: bool = True) -> Tensor:
         """n images from p(z_L) ... p(x|z): (n, C, H, W) in [0, 1] (the likelihood's mean when mean_image)."""
-        u: Optional[Tensor] = None
+        u: Tensor | None = None
         for i in reversed(range(self.num_layers)):
             lat = self.latents[i]
             eps = torch.randn(n, *lat.event_shape, generator=generator, device=device)
@@ -256,11 +253,11 @@ class HierarchicalVAE(nn.Module):
         return self.likelihood.mean(self.forward(x).params)
 
 
-def build_model(cfg: ModelConfig, input_shape: Optional[Sequence[int]] = None) -> HierarchicalVAE:
+def build_model(cfg: ModelConfig, input_shape: Sequence[int] | None = None) -> HierarchicalVAE:
     """Build from the config; `input_shape` (C, H, W) fills `cfg.input_shape` when given."""
     if input_shape is not None:
         cfg = replace(cfg, input_shape=[int(s) for s in input_shape])
     return HierarchicalVAE(cfg)
 
 
-__all__ = ["HierarchicalVAE", "ModelOutput", "Precomputed", "build_model", "lk_modes", "SAMPLE", "PRIOR_MODE"]
+__all__ = ["PRIOR_MODE", "SAMPLE", "HierarchicalVAE", "ModelOutput", "Precomputed", "build_model", "lk_modes"]

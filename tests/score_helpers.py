@@ -13,9 +13,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from hvae_dist.checkpoint import save_checkpoint
 from hvae_dist.config import config_from_dict
 from hvae_dist.model import build_model
-from hvae_dist.train.checkpoint import save_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -115,5 +115,15 @@ def score_args(run_dir, out, *extra: str, datasets=("FashionMNIST:test", "MNIST:
             "--out", str(out), "--max-examples", str(max_examples), "--no-progress", *extra]
 
 
-__all__ = ["REPO", "small_config", "exact_config", "build", "make_run_dir", "exact_log_px", "hvae_cli",
-           "read_groups", "score_args", "np"]
+__all__ = [
+    "REPO",
+    "build",
+    "exact_config",
+    "exact_log_px",
+    "hvae_cli",
+    "make_run_dir",
+    "np",
+    "read_groups",
+    "score_args",
+    "small_config",
+]

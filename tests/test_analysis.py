@@ -13,9 +13,11 @@ import h5py
 import numpy as np
 import pytest
 
-from hvae_dist.analysis import analyze, compute_metrics, load_scores, run_analysis, to_dataframe
-from hvae_dist.complexity import compressed_size_nats
+from hvae_dist.analysis import analyze, compute_metrics, run_analysis
 from hvae_dist.errors import ConfigError, ScoreFileError
+from hvae_dist.score.complexity import compressed_size_nats
+from hvae_dist.score.reader import read_scores as load_scores
+from hvae_dist.score.reader import to_dataframe
 
 KS = [1, 2]
 L = 3

@@ -5,8 +5,15 @@ import copy
 
 import pytest
 
-from hvae_dist.config import (Config, apply_overrides, config_from_dict, load_config, parse_override,
-                              preset_names, read_config_source)
+from hvae_dist.config import (
+    Config,
+    apply_overrides,
+    config_from_dict,
+    load_config,
+    parse_override,
+    preset_names,
+    read_config_source,
+)
 from hvae_dist.errors import ConfigError
 
 

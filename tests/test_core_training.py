@@ -7,8 +7,8 @@ import time
 
 import pytest
 import torch
-
 from conftest import preset_model_config, require_dmol
+
 from hvae_dist.config import load_config
 from hvae_dist.data import load_arrays, preprocess_batch
 from hvae_dist.model import build_model

@@ -14,8 +14,8 @@ from hvae_dist.data import (
     parse_dataset_spec,
     perturb,
     preprocess_batch,
+    sources,
 )
-from hvae_dist.data import sources
 from hvae_dist.data.registry import single_block_split_indices
 from hvae_dist.errors import ConfigError, DatasetUnavailableError
 

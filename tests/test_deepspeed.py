@@ -18,12 +18,12 @@ import torch
 
 pytest.importorskip("deepspeed")
 
-from hvae_dist.config import TrainConfig, load_config  # noqa: E402
-from hvae_dist.distributed import World  # noqa: E402
-from hvae_dist.errors import ConfigError  # noqa: E402
-from hvae_dist.model import build_model  # noqa: E402
-from hvae_dist.train.checkpoint import load_checkpoint  # noqa: E402
-from hvae_dist.train.deepspeed_backend import DeepSpeedBackend, _plain, deepspeed_config  # noqa: E402
+from hvae_dist.checkpoint import load_checkpoint
+from hvae_dist.config import TrainConfig, load_config
+from hvae_dist.distributed import World
+from hvae_dist.errors import ConfigError
+from hvae_dist.model import build_model
+from hvae_dist.train.backends.deepspeed import DeepSpeedBackend, _plain, deepspeed_config
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -147,10 +147,9 @@ def test_skip_threshold_with_deepspeed_raises_config_error_before_deepspeed_star
     assert not torch.distributed.is_initialized()
 
 
-def test_zero_stage_3_is_refused_because_checkpoints_store_the_full_model():
-    model = build_model(load_config("tiny").model, (1, 28, 28))
-    with pytest.raises(ConfigError, match="ZeRO-3"):
-        DeepSpeedBackend(model, TrainConfig(backend="deepspeed", deepspeed_zero_stage=3), World(), torch.device("cpu"))
+def test_zero_stage_3_is_refused_by_config_validation_before_any_deepspeed_setup():
+    with pytest.raises(ConfigError, match=r"deepspeed_zero_stage.*choose one of 0, 1, 2 \(ZeRO-3"):
+        load_config("tiny", ["train.backend=deepspeed", "train.deepspeed_zero_stage=3"])
 
 
 def test_deepspeed_optimizer_state_becomes_weights_only_loadable():
@@ -158,10 +157,11 @@ def test_deepspeed_optimizer_state_becomes_weights_only_loadable():
     from deepspeed.runtime.zero.config import ZeroStageEnum
     from deepspeed.utils.tensor_fragment import fragment_address
 
-    from hvae_dist.train.checkpoint import _safe_globals
+    from hvae_dist.checkpoint import _safe_globals
 
-    state = {"zero_stage": ZeroStageEnum.gradients, "loss_scaler": DynamicLossScaler(init_scale=2.0**16, scale_window=1000, min_scale=1,
-                                                                             delayed_shift=2, consecutive_hysteresis=False),
+    scaler = DynamicLossScaler(init_scale=2.0**16, scale_window=1000, min_scale=1, delayed_shift=2,
+                               consecutive_hysteresis=False)
+    state = {"zero_stage": ZeroStageEnum.gradients, "loss_scaler": scaler,
              "param_slice_mappings": [{"w": fragment_address(numel=4, start=0)}],
              "single_partition_of_fp32_groups": [torch.arange(4.0)], "ds_version": "0.19.8"}
     plain = _plain(state)

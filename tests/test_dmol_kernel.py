@@ -11,12 +11,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_dmol_reference import random_case
 
 import hvae_dist.kernels.reference as reference
 from hvae_dist.kernels import dmol_implementation, dmol_log_prob, dmol_reference, dmol_split_params
 from hvae_dist.kernels.fused import CSRC, HEADERS, dmol_fused, load_extension
-
-from test_dmol_reference import random_case
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -113,7 +112,7 @@ def test_forward_saves_only_per_pixel_values_for_backward():
     x, params = cifar_case(2)
     p = params.clone().requires_grad_()
     out = dmol_fused(x, p)
-    saved = [t for t in out.grad_fn.saved_tensors]
+    saved = list(out.grad_fn.saved_tensors)
     sizes = sorted(t.numel() for t in saved)
     b, hw = 2, 32 * 32
     assert sizes == sorted([b * 3 * hw, p.numel(), b * hw])   # x, params (inputs) and per-pixel log p

@@ -12,8 +12,7 @@ import torch
 import hvae_dist.kernels as kernels
 import hvae_dist.kernels.constants as constants
 import hvae_dist.kernels.reference as reference
-from hvae_dist.kernels import (dmol_log_prob, dmol_mean, dmol_num_params, dmol_reference, dmol_sample,
-                               dmol_split_params)
+from hvae_dist.kernels import dmol_log_prob, dmol_mean, dmol_num_params, dmol_reference, dmol_sample, dmol_split_params
 
 
 def _log_sigmoid(z: float) -> float:

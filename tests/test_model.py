@@ -11,8 +11,8 @@ import math
 
 import pytest
 import torch
-
 from conftest import preset_model_config, require_dmol, standard_noise
+
 from hvae_dist.model import PRIOR_MODE, SAMPLE, build_model, lk_modes
 from hvae_dist.nn import Gaussian
 

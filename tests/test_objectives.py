@@ -7,8 +7,7 @@ import pytest
 import torch
 
 from hvae_dist.model import ModelOutput
-from hvae_dist.objectives import (StreamingLogMeanExp, bits_per_dim, elbo_loss, free_nats_at, iw_bound,
-                                  kl_warmup_beta)
+from hvae_dist.objectives import StreamingLogMeanExp, bits_per_dim, elbo_loss, free_nats_at, iw_bound, kl_warmup_beta
 
 
 def _exact(w: torch.Tensor) -> torch.Tensor:
@@ -146,6 +145,7 @@ def test_free_nats_compare_the_batch_mean_kl_of_each_dim_with_the_budget():
 def test_elbo_loss_trains_a_real_model_output_with_free_nats():
     """The loss accepts a model's output and backpropagates to its parameters."""
     from conftest import preset_model_config
+
     from hvae_dist.model import build_model
 
     torch.manual_seed(0)

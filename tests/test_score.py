@@ -1,11 +1,13 @@
 """hvae score: noise scheme, shard plan, exactness of the bounds, invariance to batching and sharding."""
 from __future__ import annotations
 
+import itertools
 import math
 
 import numpy as np
 import pytest
 import torch
+from score_helpers import build, exact_config, exact_log_px, make_run_dir, score_args, small_config
 
 from hvae_dist.cli import main as hvae
 from hvae_dist.errors import ConfigError
@@ -13,7 +15,6 @@ from hvae_dist.score import noise
 from hvae_dist.score.plan import resolve_shard, shard_range
 from hvae_dist.score.reader import read_scores
 from hvae_dist.score.scorer import IWScorer, ScoreSettings
-from score_helpers import build, exact_config, exact_log_px, make_run_dir, score_args, small_config
 
 FIELDS = ("elbo", "elbo_1", "lk", "llr", "kl", "bpd")
 
@@ -55,7 +56,7 @@ def test_noise_depends_only_on_seed_dataset_index_bound_sample_and_element():
 def test_shard_plan_is_balanced_contiguous_and_covers_every_example_once(n, num_shards):
     ranges = [shard_range(n, i, num_shards) for i in range(num_shards)]
     assert ranges[0][0] == 0 and ranges[-1][1] == n
-    assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))          # contiguous, no gap, no overlap
+    assert all(a[1] == b[0] for a, b in itertools.pairwise(ranges))          # contiguous, no gap, no overlap
     sizes = [b - a for a, b in ranges]
     assert max(sizes) - min(sizes) <= 1 and sum(sizes) == n
 
@@ -147,18 +148,18 @@ def test_scores_are_invariant_to_batch_size_sample_chunk_and_shard_count(run_dir
     for out in ("one", "three", "other"):
         assert hvae(["merge", str(tmp_path / out)]) == 0
     ref = read_scores(tmp_path / "one" / "scores.h5")
-    assert ref["attrs"]["ks"] == [1, 2] and ref["attrs"]["iw_samples"] == 12
+    assert ref.attrs["ks"] == [1, 2] and ref.attrs["iw_samples"] == 12
     for out in ("three", "other"):
         got = read_scores(tmp_path / out / "scores.h5")
-        assert list(got["groups"]) == ["FashionMNIST/test", "MNIST/test"]
-        for g, data in ref["groups"].items():
-            assert np.array_equal(got["groups"][g]["index"], np.arange(7)) and np.array_equal(data["index"], np.arange(7))
+        assert list(got.groups) == ["FashionMNIST/test", "MNIST/test"]
+        for g, data in ref.groups.items():
+            assert np.array_equal(got.groups[g]["index"], np.arange(7)) and np.array_equal(data["index"], np.arange(7))
             for key in FIELDS:
-                np.testing.assert_allclose(got["groups"][g][key], data[key], rtol=1e-5, atol=1e-4, err_msg=f"{out} {g} {key}")
+                np.testing.assert_allclose(got.groups[g][key], data[key], rtol=1e-5, atol=1e-4, err_msg=f"{out} {g} {key}")
     shard = read_scores(tmp_path / "three" / "shard-00001-of-00003.h5")
-    assert shard["attrs"]["shard"] == 1 and shard["attrs"]["num_shards"] == 3
-    assert shard["groups"]["MNIST/test"]["index"].tolist() == [2, 3] and shard["groups"]["MNIST/test"]["complete"].all()
-    assert "complete" not in ref["groups"]["MNIST/test"] and "shard" not in ref["attrs"]
+    assert shard.attrs["shard"] == 1 and shard.attrs["num_shards"] == 3
+    assert shard.groups["MNIST/test"]["index"].tolist() == [2, 3] and shard.groups["MNIST/test"]["complete"].all()
+    assert "complete" not in ref.groups["MNIST/test"] and "shard" not in ref.attrs
 
 
 def test_rerun_of_a_finished_shard_computes_nothing_and_other_settings_are_refused(run_dir, tmp_path, capsys, monkeypatch):
@@ -183,8 +184,8 @@ def test_rerun_of_a_finished_shard_computes_nothing_and_other_settings_are_refus
 def test_complexity_scores_and_validation_errors(run_dir, tmp_path, capsys):
     _score(run_dir, tmp_path, "--complexity", "--max-examples", "2", "--ks", "all")
     s = read_scores(tmp_path / "shard-00000-of-00001.h5")
-    assert s["attrs"]["complexity"] == ["png", "zlib"]
-    assert (s["groups"]["MNIST/test"]["complexity_png"] > 0).all()
+    assert s.attrs["complexity"] == ["png", "zlib"]
+    assert (s.groups["MNIST/test"]["complexity_png"] > 0).all()
     assert hvae(score_args(run_dir, tmp_path / "x", "--ks", "5")) == 2
     assert "0..2" in capsys.readouterr().err
     assert hvae(score_args(run_dir, tmp_path / "x", datasets=("Nope:test",))) == 2

@@ -7,12 +7,12 @@ import shutil
 import h5py
 import numpy as np
 import pytest
+from score_helpers import make_run_dir, score_args
 
 from hvae_dist.cli import main as hvae
 from hvae_dist.errors import ScoreFileError
 from hvae_dist.score.merge import merge_shards
 from hvae_dist.score.reader import read_scores
-from score_helpers import make_run_dir, score_args
 
 
 @pytest.fixture(scope="module")
@@ -46,10 +46,10 @@ def test_merge_of_good_shards_is_sorted_complete_and_atomic(out, capsys):
     assert hvae(["merge", str(out)]) == 0
     s = read_scores(out / "scores.h5")
     for g in ("FashionMNIST/test", "MNIST/test"):
-        assert s["groups"][g]["index"].tolist() == list(range(7))
-        assert set(s["groups"][g]) == {"index", "elbo", "elbo_1", "lk", "llr", "kl", "bpd"}
-        assert np.isfinite(s["groups"][g]["elbo"]).all()
-    assert s["attrs"]["merged_shards"] == 3 and "shard" not in s["attrs"] and "num_shards" not in s["attrs"]
+        assert s.groups[g]["index"].tolist() == list(range(7))
+        assert set(s.groups[g]) == {"index", "elbo", "elbo_1", "lk", "llr", "kl", "bpd"}
+        assert np.isfinite(s.groups[g]["elbo"]).all()
+    assert s.attrs["merged_shards"] == 3 and "shard" not in s.attrs and "num_shards" not in s.attrs
     assert sorted(os.listdir(out)) == ["scores.h5"] + [f"shard-0000{i}-of-00003.h5" for i in range(3)]
 
 

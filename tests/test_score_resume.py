@@ -9,10 +9,10 @@ import time
 
 import numpy as np
 import pytest
+from score_helpers import REPO, make_run_dir, score_args
 
 from hvae_dist.cli import main as hvae
 from hvae_dist.score.reader import read_scores
-from score_helpers import REPO, make_run_dir, score_args
 
 FIELDS = ("elbo", "elbo_1", "lk", "llr", "kl", "bpd")
 GROUP = "FashionMNIST/test"
@@ -44,7 +44,7 @@ def test_score_shard_resume_after_sigkill(tmp_path, monkeypatch):
     killed = set(_traced(first))
 
     shard = tmp_path / "out" / "shard-00000-of-00001.h5"
-    s = read_scores(shard)["groups"][GROUP]
+    s = read_scores(shard).groups[GROUP]
     complete = set(s["index"][s["complete"].astype(bool)].tolist())
     assert 0 < len(complete) < rows and complete <= killed        # killed mid-way; flags only for computed rows
     for key in FIELDS:                                             # every complete row holds finite values
@@ -63,8 +63,8 @@ def test_score_shard_resume_after_sigkill(tmp_path, monkeypatch):
     monkeypatch.delenv("HVAE_SCORE_TRACE")
     assert hvae(score_args(run, tmp_path / "ref", "--batch-size", "8", "--sample-chunk", "40",
                            datasets=("FashionMNIST:test",), samples=40, max_examples=rows)) == 0
-    got = read_scores(shard)["groups"][GROUP]
-    ref = read_scores(tmp_path / "ref" / "shard-00000-of-00001.h5")["groups"][GROUP]
+    got = read_scores(shard).groups[GROUP]
+    ref = read_scores(tmp_path / "ref" / "shard-00000-of-00001.h5").groups[GROUP]
     assert got["complete"].all() and np.array_equal(got["index"], ref["index"])
     for key in FIELDS:
         np.testing.assert_allclose(got[key], ref[key], rtol=1e-5, atol=1e-4, err_msg=key)

@@ -107,7 +107,7 @@ def assert_same_weights(a: dict, b: dict) -> None:
 def read_groups(path: Path) -> dict:
     from hvae_dist.score.reader import read_scores
 
-    return read_scores(path)["groups"]
+    return read_scores(path).groups
 
 
 def assert_same_scores(a: Path, b: Path) -> None:
@@ -195,7 +195,7 @@ def _parse(*argv: str) -> argparse.Namespace:
 
 
 def test_submit_score_passes_score_arguments_to_every_shard():
-    from hvae_dist.submit import score_argv
+    from hvae_dist.submit.cli import score_argv
 
     args = _parse("score", "--run-dir", "r", "--datasets", "FashionMNIST:test", "MNIST:test", "--iw-samples", "5",
                   "--ks", "1", "2", "--out", "o", "--num-shards", "3", "--batch-size", "7", "--seed", "3",
@@ -211,7 +211,7 @@ def test_submit_score_passes_score_arguments_to_every_shard():
 
 def test_submit_train_uses_ddp_for_several_tasks_and_checks_batch_split(tmp_path, small_config):
     from hvae_dist.errors import ConfigError
-    from hvae_dist.submit import resolve_train_config
+    from hvae_dist.submit.cli import resolve_train_config
 
     args = _parse("train", "--config", small_config, "--run-dir", str(tmp_path / "r"), "--nodes", "2",
                   "--tasks-per-node", "2", *TRAIN_SET)
@@ -393,7 +393,7 @@ def test_launchers_submit_a_valid_pipeline(launcher, tmp_path):
     """The paper launchers' arguments parse, and their presets resolve for their world size."""
     import runpy
 
-    from hvae_dist.submit import _train_world, resolve_train_config
+    from hvae_dist.submit.cli import _train_world, resolve_train_config
 
     defaults = runpy.run_path(str(ROOT / "launch" / launcher))["DEFAULTS"]
     args = _parse("pipeline", *defaults, "--run-dir", str(tmp_path / "run"), "--partition", "gpu")

@@ -9,8 +9,8 @@ import math
 
 import pytest
 import torch
-
 import train_helpers as th
+
 from hvae_dist.distributed import World
 from hvae_dist.errors import ConfigError, TrainingDivergedError
 from hvae_dist.train.engine import NAN_STEP_ENV, Trainer
@@ -30,11 +30,8 @@ def one_thread():
 
 def _trainer(run_dir, monitor: bool = False, **settings) -> Trainer:
     cfg = th.small_config(**{"train__checkpoint_every": 1000, **settings})
-    trainer = Trainer(cfg, run_dir, World(), CPU)
-    if monitor:
-        t = cfg.train
-        trainer.logger = Monitor(run_dir, True, t.log_every, t.eval_every, progress=False)
-    return trainer
+    mon = Monitor(run_dir, True, cfg.train.log_every, CPU, progress=False) if monitor else None
+    return Trainer(cfg, run_dir, World(), CPU, mon)
 
 
 def _finite(state: dict) -> bool:

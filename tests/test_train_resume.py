@@ -7,7 +7,6 @@ import signal
 import time
 
 import pytest
-
 import train_helpers as th
 
 STEPS = 24

@@ -157,7 +157,7 @@ def kill_tree(proc: subprocess.Popen) -> None:
 
 
 def load(path: Path) -> dict:
-    from hvae_dist.train.checkpoint import load_checkpoint
+    from hvae_dist.checkpoint import load_checkpoint
     return load_checkpoint(path)
 
 

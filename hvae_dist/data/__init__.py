@@ -14,12 +14,11 @@ from hvae_dist.data.registry import (
     load_arrays,
     parse_dataset_spec,
 )
-from hvae_dist.data.transforms import PREPROCESS_MODES, perturb, preprocess_batch
+from hvae_dist.data.transforms import perturb, preprocess_batch
 
 __all__ = [
     "DATASET_NAMES",
     "SPLITS",
-    "PREPROCESS_MODES",
     "ArrayDataset",
     "canonical_name",
     "get_dataset",

@@ -64,7 +64,7 @@ def package_dir(pkg: str) -> str | None:
         return None
     if spec is None or not spec.submodule_search_locations:
         return None
-    return list(spec.submodule_search_locations)[0]
+    return next(iter(spec.submodule_search_locations))
 
 
 def _idx_pair(directory: str, prefix: str) -> tuple[np.ndarray, np.ndarray]:
@@ -100,8 +100,8 @@ def read_idx_official(directory: str, official_split: str) -> tuple[np.ndarray, 
 class _NumpyOnlyUnpickler(pickle.Unpickler):
     """Loads pickled numpy arrays and nothing else: a data file never gets to run code."""
 
-    _ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-                ("numpy", "ndarray"), ("numpy", "dtype")}
+    _ALLOWED: frozenset = frozenset({("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+                ("numpy", "ndarray"), ("numpy", "dtype")})
 
     def find_class(self, module, name):
         if (module, name) not in self._ALLOWED:

@@ -8,9 +8,8 @@ from __future__ import annotations
 
 import torch
 
+from hvae_dist.config import BINARIZE_MODES
 from hvae_dist.errors import ConfigError
-
-PREPROCESS_MODES = ("none", "dynamic", "static", "dequantize")
 
 
 def _check_uint8(x: torch.Tensor, what: str) -> None:
@@ -43,8 +42,8 @@ def preprocess_batch(x_uint8: torch.Tensor, mode: str, generator_or_noise=None) 
     - ``dequantize``: (x + u) / 256 in [0, 1), u ~ U[0, 1) drawn as for ``dynamic``.
     Unknown mode -> ConfigError.
     """
-    if mode not in PREPROCESS_MODES:
-        raise ConfigError(f"unknown preprocess mode {mode!r}; allowed: {', '.join(PREPROCESS_MODES)}")
+    if mode not in BINARIZE_MODES:
+        raise ConfigError(f"unknown preprocess mode {mode!r}; allowed: {', '.join(BINARIZE_MODES)}")
     _check_uint8(x_uint8, "preprocess_batch")
     if mode == "none":
         return x_uint8.to(torch.float32) / 255.0

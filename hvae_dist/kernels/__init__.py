@@ -14,11 +14,26 @@ import torch
 from torch import Tensor
 
 from hvae_dist.kernels.fused import dmol_fused, extension_kind, fused_log_prob, load_extension
-from hvae_dist.kernels.reference import (check_dmol_args, dmol_mean, dmol_num_params, dmol_reference,
-                                         dmol_sample, dmol_split_params, reference_log_prob)
+from hvae_dist.kernels.reference import (
+    check_dmol_args,
+    dmol_mean,
+    dmol_num_params,
+    dmol_reference,
+    dmol_sample,
+    dmol_split_params,
+    reference_log_prob,
+)
 
-__all__ = ["dmol_log_prob", "dmol_reference", "dmol_fused", "dmol_sample", "dmol_mean", "dmol_split_params",
-           "dmol_num_params", "dmol_implementation"]
+__all__ = [
+    "dmol_fused",
+    "dmol_implementation",
+    "dmol_log_prob",
+    "dmol_mean",
+    "dmol_num_params",
+    "dmol_reference",
+    "dmol_sample",
+    "dmol_split_params",
+]
 
 ENV_VAR = "HVAE_DMOL"
 _warned: set[str] = set()

@@ -1,6 +1,18 @@
-"""Layers of the hierarchical VAE: deterministic residual blocks and Gaussian stochastic layers."""
+"""Layers of the hierarchical VAE: deterministic residual blocks, Gaussian stochastic layers, the likelihood
+heads p(x|z) and the network precision (autocast)."""
 from hvae_dist.nn.layers import ResBlockConv2d, conv2d, dense, get_activation
-from hvae_dist.nn.stochastic import GaussianConv2d, GaussianDense, Gaussian, build_stochastic
+from hvae_dist.nn.likelihoods import Likelihood, build_likelihood
+from hvae_dist.nn.stochastic import Gaussian, GaussianConv2d, GaussianDense, build_stochastic
 
-__all__ = ["ResBlockConv2d", "conv2d", "dense", "get_activation", "GaussianConv2d", "GaussianDense", "Gaussian",
-           "build_stochastic"]
+__all__ = [
+           "Gaussian",
+           "GaussianConv2d",
+           "GaussianDense",
+           "Likelihood",
+           "ResBlockConv2d",
+           "build_likelihood",
+           "build_stochastic",
+           "conv2d",
+           "dense",
+           "get_activation",
+]

@@ -6,7 +6,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.parametrizations import weight_norm
 
-_ACTIVATIONS = {"silu": nn.SiLU, "elu": nn.ELU, "relu": nn.ReLU, "leaky_relu": nn.LeakyReLU}
+from hvae_dist.config import ACTIVATIONS
+
+_ACTIVATIONS = dict(zip(ACTIVATIONS, (nn.SiLU, nn.ELU, nn.ReLU, nn.LeakyReLU)))  # in config's order
 
 
 def get_activation(name: str) -> nn.Module:

@@ -1,13 +1,16 @@
-"""`hvae score`: importance-weighted ELBO, L>k and LLR>k per example into OUT/shard-IIIII-of-NNNNN.h5.
+"""`hvae score` and `hvae merge`.
 
-Shard index / count default from a SLURM job array (SLURM_ARRAY_TASK_ID - SLURM_ARRAY_TASK_MIN,
+score: importance-weighted ELBO, L>k and LLR>k per example into OUT/shard-IIIII-of-NNNNN.h5. Shard
+index / count default from a SLURM job array (SLURM_ARRAY_TASK_ID - SLURM_ARRAY_TASK_MIN,
 SLURM_ARRAY_TASK_COUNT), else torchrun (RANK, WORLD_SIZE), else 0 of 1. Re-running a shard resumes it.
+merge: validate the shard files in OUT and write OUT/scores.h5 (atomically).
 """
 from __future__ import annotations
 
 import argparse
 import signal
 
+from hvae_dist.config import SCORE_PRECISIONS
 from hvae_dist.errors import ConfigError
 
 
@@ -24,7 +27,7 @@ def _ks(values: list[str] | None):
         raise ConfigError(f"--ks {' '.join(values)}: give integers (e.g. --ks 1 2) or 'all'") from None
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
+def add_score_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--run-dir", required=True, help="training run dir (config.json, checkpoints/)")
     p.add_argument("--checkpoint", default=None, help="checkpoint file (default: RUN_DIR/checkpoints/latest.pt)")
     p.add_argument("--datasets", nargs="+", required=True, metavar="NAME:SPLIT",
@@ -42,7 +45,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="samples per example per forward pass; rows per pass = batch * chunk (does not change scores)")
     p.add_argument("--seed", type=int, default=0, help="seed of the posterior noise and dynamic binarization")
     p.add_argument("--no-ema", action="store_true", help="score the raw weights even when the checkpoint has EMA weights")
-    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+    p.add_argument("--precision", choices=SCORE_PRECISIONS, default="fp32",
                    help="network precision (bf16: autocast; log-densities fp32, reductions fp64)")
     p.add_argument("--complexity", action="store_true",
                    help="also store complexity_png / complexity_zlib (compressed size, nats) per example")
@@ -53,7 +56,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     bar.add_argument("--no-progress", dest="progress", action="store_false", help="never show the progress bar")
 
 
-def run(args: argparse.Namespace) -> int:
+def run_score(args: argparse.Namespace) -> int:
     from hvae_dist.score.plan import resolve_shard
     from hvae_dist.score.runner import ScoreJob, run_score_job
     from hvae_dist.score.scorer import ScoreSettings
@@ -70,4 +73,15 @@ def run(args: argparse.Namespace) -> int:
                    device=args.device, progress=args.progress)
     path = run_score_job(job)
     print(path)
+    return 0
+
+
+def add_merge_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("out", help="folder holding shard-IIIII-of-NNNNN.h5 files (the --out of hvae score)")
+
+
+def run_merge(args: argparse.Namespace) -> int:
+    from hvae_dist.score.merge import merge_shards
+
+    print(merge_shards(args.out))
     return 0

@@ -16,8 +16,9 @@ from pathlib import Path
 import numpy as np
 
 from hvae_dist.errors import ScoreFileError
+from hvae_dist.score.layout import IDENTITY_ATTRS, SHARD_ATTRS, write_attrs
 from hvae_dist.score.plan import SHARD_PATTERN, shard_filename
-from hvae_dist.score.writer import IDENTITY_ATTRS, SHARD_ATTRS, open_h5, read_attrs, write_attrs
+from hvae_dist.score.reader import read_scores
 
 MERGED_NAME = "scores.h5"
 
@@ -39,26 +40,6 @@ def find_shards(out: Path) -> dict[int, tuple[int, Path]]:
     return found
 
 
-def _read_shard(path: Path) -> tuple[dict, dict[str, dict[str, np.ndarray]]]:
-    import h5py
-
-    f = open_h5(path, "r")
-    try:
-        with f:
-            attrs = read_attrs(f)
-            groups = {}
-            for g in attrs.get("datasets") or []:
-                if g not in f or not isinstance(f[g], h5py.Group):
-                    raise ScoreFileError(f"{path}: group {g!r} listed in attrs 'datasets' is missing")
-                groups[g] = {k: d[()] for k, d in f[g].items()}
-    except ScoreFileError:
-        raise
-    except Exception as e:  # noqa: BLE001  (h5py raises OSError/KeyError/RuntimeError on damaged files)
-        raise ScoreFileError(f"{path}: cannot be read ({type(e).__name__}: {e}); the file is damaged, "
-                             "delete it and re-run that shard") from e
-    return attrs, groups
-
-
 def merge_shards(out: str | Path) -> Path:
     """Validate the shards in `out` and write `out`/scores.h5; returns its path."""
     out = Path(out)
@@ -73,7 +54,7 @@ def merge_shards(out: str | Path) -> Path:
     shards = []
     for i in range(num_shards):
         path = found[i][1]
-        attrs, groups = _read_shard(path)
+        groups, attrs = read_scores(path)
         if attrs.get("shard") != i or attrs.get("num_shards") != num_shards:
             raise ScoreFileError(f"{path}: attributes say shard {attrs.get('shard')} of {attrs.get('num_shards')}, "
                                  f"the file name says {i} of {num_shards}")

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -139,5 +139,15 @@ def normal_noise(keys: Tensor, sample_start: int, num_samples: int,
     return out
 
 
-__all__ = ["DATA_STREAM", "bound_stream", "dataset_key", "example_keys", "uniform_noise", "normal_noise",
-           "mix64", "mix64_int", "absorb", "absorb_int"]
+__all__ = [
+    "DATA_STREAM",
+    "absorb",
+    "absorb_int",
+    "bound_stream",
+    "dataset_key",
+    "example_keys",
+    "mix64",
+    "mix64_int",
+    "normal_noise",
+    "uniform_noise",
+]

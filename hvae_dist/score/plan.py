@@ -11,8 +11,8 @@ may be empty when n > N. Every dataset is split this way independently.
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Mapping
 
 from hvae_dist.errors import ConfigError
 

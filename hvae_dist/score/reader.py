@@ -1,38 +1,116 @@
-"""Read a score file (merged scores.h5 or one shard) into plain numpy arrays, no pandas.
+"""The one reader of score files (a merged scores.h5 or a shard), numpy only; analysis builds on it.
 
-    >>> s = read_scores("scores/run/scores.h5")
-    >>> s["attrs"]["ks"], s["attrs"]["iw_samples"]
-    >>> s["groups"]["FashionMNIST/test"]["llr"][:, 0]      # LLR>ks[0] per example, nats
+    >>> groups, attrs = read_scores("scores/run/scores.h5")
+    >>> attrs["ks"], attrs["iw_samples"]
+    >>> groups["FashionMNIST/test"]["llr"][:, 0]      # LLR>ks[0] per example, nats
 
-`hvae_dist.analysis.load_scores` builds its validated ScoreFile on the same layout; this helper stays
-minimal: it checks only that the file opens and lists its groups.
+Attributes come back as Python values (`ks` a list of int; config, datasets, dataset_sizes and
+complexity parsed from JSON). Groups are those listed in attrs["datasets"] (file order), else every
+"<Name>/<split>" group that holds datasets. Every group is checked against the layout of
+`hvae_dist.score.layout` (all fields present, shapes consistent); shard files keep their `complete`
+flags. Any problem is a ScoreFileError naming the file, the group and the field.
 """
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import numpy as np
 
 from hvae_dist.errors import ScoreFileError
-from hvae_dist.score.writer import open_h5, read_attrs
+from hvae_dist.score.layout import REQUIRED_FIELDS, open_h5, read_attrs
 
 
-def read_scores(path: str | Path) -> dict:
-    """{"attrs": {...}, "groups": {"<Name>/<split>": {"index": (N,) int64, "elbo": (N,) f8, ...}}}.
+class ScoreFile(NamedTuple):
+    """What `read_scores` returns; unpacks as ``groups, attrs = read_scores(path)``."""
 
-    Attributes come back as Python values (ks a list of int, config / datasets / dataset_sizes parsed
-    from JSON). Groups are those listed in attrs["datasets"] (file order), each with every dataset
-    it holds (shard files include the `complete` flags). Unreadable file -> ScoreFileError naming it.
-    """
+    groups: dict[str, dict[str, np.ndarray]]  # "FashionMNIST/test" -> {"elbo": (N,), "lk": (N, K), ...}
+    attrs: dict[str, Any]                     # root attributes as Python values
+
+
+def _group_names(path: Path, f, attrs: dict) -> list[str]:
+    import h5py
+
+    if attrs.get("datasets"):
+        return list(attrs["datasets"])
+    found: dict[str, None] = {}
+
+    def visit(name: str, obj: Any) -> None:
+        if isinstance(obj, h5py.Dataset):
+            found.setdefault(name.rsplit("/", 1)[0] if "/" in name else "", None)
+
+    f.visititems(visit)
+    if "" in found:
+        raise ScoreFileError(f"{path}: datasets at the file root; scores must live in '<Dataset>/<split>' groups")
+    if not found:
+        raise ScoreFileError(f"{path}: contains no score groups")
+    return sorted(found)
+
+
+def read_scores(path: str | Path) -> ScoreFile:
+    """Read every score group of `path` into numpy arrays (see the module docstring)."""
+    import h5py
+
     path = Path(path)
     if not path.is_file():
         raise ScoreFileError(f"{path}: no such score file")
-    with open_h5(path, "r") as f:
-        attrs = read_attrs(f)
-        names = attrs.get("datasets") or [f"{a}/{b}" for a in f for b in f[a]]
-        groups = {}
-        for g in names:
-            if g not in f:
-                raise ScoreFileError(f"{path}: group {g!r} listed in attrs 'datasets' is missing")
-            groups[g] = {k: np.asarray(d[()]) for k, d in f[g].items()}
-    return {"attrs": attrs, "groups": groups}
+    try:
+        with open_h5(path, "r") as f:
+            attrs = read_attrs(f)
+            groups = {}
+            for g in _group_names(path, f, attrs):
+                if g not in f or not isinstance(f[g], h5py.Group):
+                    raise ScoreFileError(f"{path}: group {g!r} listed in attrs 'datasets' is missing")
+                groups[g] = {k: np.asarray(d[()]) for k, d in f[g].items() if isinstance(d, h5py.Dataset)}
+    except ScoreFileError:
+        raise
+    except Exception as e:
+        raise ScoreFileError(f"{path}: cannot be read ({type(e).__name__}: {e}); the file is damaged: "
+                             "delete it and re-run the job (or the shard) that wrote it") from e
+    if "ks" not in attrs:
+        raise ScoreFileError(f"{path}: root attribute 'ks' (the list of k of L>k) is missing")
+    attrs["ks"] = [int(k) for k in np.atleast_1d(attrs["ks"])]
+    for name, data in groups.items():
+        _validate_group(path, name, data, attrs["ks"])
+    return ScoreFile(groups, attrs)
+
+
+def _validate_group(path: Path, name: str, data: dict[str, np.ndarray], ks: list[int]) -> None:
+    missing = [k for k in REQUIRED_FIELDS if k not in data]
+    if missing:
+        raise ScoreFileError(f"{path}: group '{name}' lacks dataset(s) {', '.join(missing)} "
+                             f"(has: {', '.join(sorted(data)) or 'nothing'})")
+    n = data["index"].shape[0] if data["index"].ndim == 1 else -1
+    expect = {"index": (n,), "elbo": (n,), "elbo_1": (n,), "bpd": (n,), "lk": (n, len(ks)), "llr": (n, len(ks))}
+    for key, shape in expect.items():
+        if data[key].shape != shape:
+            raise ScoreFileError(f"{path}: '{name}/{key}' has shape {data[key].shape}, expected {shape} "
+                                 f"(N = len(index), K = len(ks) = {len(ks)})")
+    if data["kl"].ndim != 2 or data["kl"].shape[0] != n:
+        raise ScoreFileError(f"{path}: '{name}/kl' has shape {data['kl'].shape}, expected ({n}, L)")
+    for key, value in data.items():
+        if key not in REQUIRED_FIELDS and value.shape[:1] != (n,):
+            raise ScoreFileError(f"{path}: extra dataset '{name}/{key}' has shape {value.shape}, expected ({n}, ...)")
+
+
+def to_dataframe(path: str | Path):
+    """The score file as one long pandas DataFrame: a row per example, columns group, dataset, split,
+    index, elbo, elbo_1, bpd, lk_<k>, llr_<k>, kl_<layer> (1 = bottom) and any extra per-example values."""
+    try:
+        import pandas as pd
+    except ImportError as e:
+        raise ImportError("to_dataframe needs pandas (pip install pandas); "
+                          "read_scores(path) returns the same data as numpy arrays") from e
+    groups, attrs = read_scores(path)
+    frames = []
+    for name, data in groups.items():
+        cols: dict[str, Any] = {"group": name, "dataset": name.rsplit("/", 1)[0], "split": name.rsplit("/", 1)[-1]}
+        for key, value in data.items():
+            if key in ("lk", "llr"):
+                cols.update({f"{key}_{k}": value[:, j] for j, k in enumerate(attrs["ks"])})
+            elif key == "kl":
+                cols.update({f"kl_{i + 1}": value[:, i] for i in range(value.shape[1])})
+            elif value.ndim == 1:
+                cols[key] = value
+        frames.append(pd.DataFrame(cols))
+    return pd.concat(frames, ignore_index=True)

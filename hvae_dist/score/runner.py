@@ -12,21 +12,22 @@ import sys
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 import torch
 
 from hvae_dist import __version__
-from hvae_dist.complexity import compressed_size_nats
+from hvae_dist.checkpoint import load_model_for_eval
 from hvae_dist.data import get_dataset, parse_dataset_spec
 from hvae_dist.distributed import detect_world, device_for
 from hvae_dist.errors import ConfigError
+from hvae_dist.score.complexity import METHODS as COMPLEXITY_METHODS
+from hvae_dist.score.complexity import compressed_size_nats
+from hvae_dist.score.layout import FORMAT_VERSION, file_sha256, group_name
 from hvae_dist.score.plan import ShardPlan
 from hvae_dist.score.scorer import IWScorer, ScoreSettings
-from hvae_dist.score.writer import FORMAT_VERSION, GroupSpec, ShardWriter, file_sha256
+from hvae_dist.score.writer import GroupSpec, ShardWriter
 
-COMPLEXITY_METHODS = ("png", "zlib")
 TRACE_ENV = "HVAE_SCORE_TRACE"
 
 
@@ -38,25 +39,20 @@ class ScoreJob:
     datasets: list
     out: str
     settings: ScoreSettings = field(default_factory=ScoreSettings)
-    checkpoint: Optional[str] = None
+    checkpoint: str | None = None
     shard: int = 0
     num_shards: int = 1
-    max_examples: Optional[int] = None
+    max_examples: int | None = None
     batch_size: int = 32
     use_ema: bool = True
     complexity: bool = False
     device: str = "auto"
-    progress: Optional[bool] = None      # None: only when stderr is a terminal
+    progress: bool | None = None      # None: only when stderr is a terminal
 
 
 def resolve_device(name: str) -> torch.device:
     """`auto`: this rank's GPU when there is one (the distributed world decides which), else the CPU."""
     return device_for(detect_world()) if name == "auto" else torch.device(name)
-
-
-def group_name(spec: str) -> str:
-    name, split = parse_dataset_spec(spec)
-    return f"{name}/{split}"
 
 
 def _trace(rows_group: str, indices: np.ndarray) -> None:
@@ -70,8 +66,6 @@ def run_score_job(job: ScoreJob) -> Path:
     """Score this shard; returns the shard file path. Raises HvaeError subclasses on bad input."""
     from tqdm import tqdm
 
-    from hvae_dist.train.checkpoint import load_model_for_eval
-
     if job.batch_size < 1:
         raise ConfigError(f"--batch-size must be >= 1, got {job.batch_size}")
     device = resolve_device(job.device)
@@ -81,7 +75,7 @@ def run_score_job(job: ScoreJob) -> Path:
     scorer = IWScorer(model, settings, device)
     complexity = compressed_size_nats if job.complexity else None
 
-    groups = [group_name(s) for s in job.datasets]
+    groups = [group_name(":".join(parse_dataset_spec(s))) for s in job.datasets]
     if not groups:
         raise ConfigError("--datasets: give at least one NAME:SPLIT")
     if len(set(groups)) != len(groups):

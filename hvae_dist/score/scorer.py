@@ -15,23 +15,21 @@ index) through `hvae_dist.score.noise`, never on B, C or the shard. Runs under t
 """
 from __future__ import annotations
 
-import contextlib
 import math
 from dataclasses import dataclass
-from typing import Optional, Sequence
 
 import numpy as np
 import torch
 from torch import Tensor
 from torch.nn.utils import parametrize
 
+from hvae_dist.config import SCORE_PRECISIONS
 from hvae_dist.data import preprocess_batch
 from hvae_dist.errors import ConfigError
 from hvae_dist.model import SAMPLE, HierarchicalVAE, lk_modes
-from hvae_dist.objectives import StreamingLogMeanExp
+from hvae_dist.nn.precision import autocast_context
+from hvae_dist.objectives import StreamingLogMeanExp, bits_per_dim
 from hvae_dist.score import noise as noise_mod
-
-PRECISIONS = ("fp32", "bf16")
 
 
 def default_ks(num_layers: int) -> list[int]:
@@ -45,9 +43,9 @@ class ScoreSettings:
 
     iw_samples: int = 1000
     """S: importance samples of the ELBO bound."""
-    iw_samples_lk: Optional[int] = None
+    iw_samples_lk: int | None = None
     """Importance samples of each L>k bound (None: same as iw_samples)."""
-    ks: Optional[list] = None
+    ks: list | None = None
     """k of the L>k bounds, each in 0..L-1 (None: 1..L-1)."""
     seed: int = 0
     """Seed of all noise (posterior samples, dynamic binarization)."""
@@ -58,7 +56,7 @@ class ScoreSettings:
     sample_chunk: int = 64
     """Samples per example in one forward pass (rows per pass = batch * sample_chunk). Does not change values."""
 
-    def resolved(self, num_layers: int) -> "ScoreSettings":
+    def resolved(self, num_layers: int) -> ScoreSettings:
         ks = default_ks(num_layers) if self.ks is None else [int(k) for k in self.ks]
         bad = [k for k in ks if not 0 <= k < num_layers]
         if bad:
@@ -70,8 +68,8 @@ class ScoreSettings:
             raise ConfigError(f"--iw-samples must be >= 1, got {self.iw_samples} / {self.iw_samples_lk}")
         if self.sample_chunk < 1:
             raise ConfigError(f"--sample-chunk must be >= 1, got {self.sample_chunk}")
-        if self.precision not in PRECISIONS:
-            raise ConfigError(f"--precision {self.precision!r}: choose one of {', '.join(PRECISIONS)}")
+        if self.precision not in SCORE_PRECISIONS:
+            raise ConfigError(f"--precision {self.precision!r}: choose one of {', '.join(SCORE_PRECISIONS)}")
         lk = self.iw_samples if self.iw_samples_lk is None else int(self.iw_samples_lk)
         return ScoreSettings(int(self.iw_samples), lk, ks, int(self.seed), self.precision, self.binarize,
                              int(self.sample_chunk))
@@ -88,9 +86,7 @@ class IWScorer:
         self.num_dims = math.prod(model.input_shape)
 
     def _autocast(self):
-        if self.settings.precision == "bf16":
-            return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
-        return contextlib.nullcontext()
+        return autocast_context(self.settings.precision, self.device)
 
     def preprocess(self, x_uint8: Tensor, dataset: str, indices: Tensor) -> Tensor:
         """uint8 (B, C, H, W) -> model input; dynamic binarization / dequantization from per-example noise."""
@@ -102,7 +98,7 @@ class IWScorer:
         return preprocess_batch(x_uint8, mode, u)
 
     def _bound(self, x: Tensor, dataset: str, indices: Tensor, k: int, num_samples: int,
-               kl_sum: Optional[Tensor] = None) -> StreamingLogMeanExp:
+               kl_sum: Tensor | None = None) -> StreamingLogMeanExp:
         """Streamed log-weights of the L>k bound (k=0: ELBO) over num_samples samples; adds KL sums to kl_sum."""
         model, batch = self.model, x.shape[0]
         modes = lk_modes(k, self.num_layers)
@@ -155,15 +151,6 @@ class IWScorer:
             "lk": lk.cpu().numpy(),
             "llr": (elbo[:, None] - lk).cpu().numpy(),
             "kl": (kl_sum / st.iw_samples).cpu().numpy(),
-            "bpd": (-elbo / (self.num_dims * math.log(2.0))).cpu().numpy(),
+            "bpd": bits_per_dim(-elbo, self.num_dims).cpu().numpy(),
         }
 
-
-def score_arrays(model: HierarchicalVAE, images: np.ndarray, indices: Sequence[int], dataset: str,
-                 settings: ScoreSettings, batch_size: int = 32) -> dict[str, np.ndarray]:
-    """Score uint8 images (N, C, H, W) (row r is example indices[r] of `dataset`) in batches; in-memory."""
-    scorer = IWScorer(model, settings)
-    idx = torch.as_tensor(np.asarray(indices), dtype=torch.int64)
-    parts = [scorer.score_batch(torch.from_numpy(np.ascontiguousarray(images[a:a + batch_size])), idx[a:a + batch_size],
-                                dataset) for a in range(0, len(images), batch_size)]
-    return {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}

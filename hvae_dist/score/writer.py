@@ -1,12 +1,4 @@
-"""HDF5 score files: the layout, the shard writer (pre-sized, flushed batch by batch, resumable).
-
-Layout (DESIGN.md "Score file"), one group per dataset, e.g. "FashionMNIST/test", N rows:
-
-    index (N,) int64   elbo, elbo_1, bpd (N,) float64   lk, llr (N, K) float64   kl (N, L) float64
-    [complexity_png, complexity_zlib (N,) float64 with --complexity]    complete (N,) bool (shard files)
-
-Root attributes: see `IDENTITY_ATTRS` (the settings a resumed shard and a merge must agree on) plus
-model_checkpoint, package_version, config, created, and shard / num_shards in shard files.
+"""The shard writer: pre-sized HDF5 shard files, flushed batch by batch, resumable (layout: `score.layout`).
 
 Crash safety. A shard file is made under a temporary name with every dataset allocated at full size
 (index filled from the plan, values NaN, complete False) and renamed into place, so no later write
@@ -16,8 +8,6 @@ values and a re-run recomputes at most the batch that was in flight.
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,59 +16,7 @@ from typing import Any
 import numpy as np
 
 from hvae_dist.errors import ScoreFileError
-
-FORMAT_VERSION = 1
-IDENTITY_ATTRS = ("format_version", "model_sha256", "iw_samples", "iw_samples_lk", "ks", "seed", "dtype", "ema",
-                  "binarize", "num_layers", "datasets", "dataset_sizes", "complexity")
-SHARD_ATTRS = ("shard", "num_shards")
-VALUE_FIELDS = ("elbo", "elbo_1", "lk", "llr", "kl", "bpd")
-JSON_ATTRS = ("config", "datasets", "dataset_sizes", "complexity")
-
-
-def file_sha256(path: str | Path, block: int = 1 << 22) -> str:
-    """Hex sha256 of a file's bytes (the checkpoint the scores come from)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(block):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def normalize_attr(key: str, value: Any) -> Any:
-    """An HDF5 attribute as plain Python: JSON attributes parsed, arrays as lists, numpy scalars as Python."""
-    if isinstance(value, bytes):
-        value = value.decode("utf-8")
-    if key in JSON_ATTRS and isinstance(value, str):
-        return json.loads(value)
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if isinstance(value, np.generic):
-        return value.item()
-    return value
-
-
-def read_attrs(f) -> dict:
-    return {k: normalize_attr(k, v) for k, v in f.attrs.items()}
-
-
-def write_attrs(f, attrs: dict) -> None:
-    for key, value in attrs.items():
-        if key in JSON_ATTRS and not isinstance(value, str):
-            value = json.dumps(value, sort_keys=True)
-        elif key == "ks":
-            value = np.asarray(value, dtype=np.int64)
-        f.attrs[key] = value
-
-
-def open_h5(path: Path, mode: str):
-    """h5py.File or ScoreFileError naming the file (truncated / not HDF5 / locked)."""
-    import h5py
-
-    try:
-        return h5py.File(path, mode)
-    except (OSError, ValueError) as e:
-        raise ScoreFileError(f"{path}: cannot be opened as an HDF5 score file ({e}). It is truncated, corrupt or "
-                             f"in use by another process; if no job is writing it, delete it and re-run") from e
+from hvae_dist.score.layout import IDENTITY_ATTRS, SHARD_ATTRS, normalize_attr, open_h5, read_attrs, write_attrs
 
 
 @dataclass
@@ -116,7 +54,7 @@ class ShardWriter:
         self.path, self.f, self.groups = path, f, {g.name: g for g in groups}
 
     @classmethod
-    def open(cls, path: str | Path, attrs: dict, groups: list[GroupSpec]) -> "ShardWriter":
+    def open(cls, path: str | Path, attrs: dict, groups: list[GroupSpec]) -> ShardWriter:
         path = Path(path)
         if path.exists():
             f = open_h5(path, "r+")
@@ -184,7 +122,7 @@ class ShardWriter:
             self.f.close()
             self.f = None
 
-    def __enter__(self) -> "ShardWriter":
+    def __enter__(self) -> ShardWriter:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -3,14 +3,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 from pathlib import Path
-from typing import Any, Callable
 
-from hvae_dist.config import PRECISIONS, BACKENDS, Config, apply_overrides, config_from_dict, read_config_source
+from hvae_dist.config import BACKENDS, PRECISIONS, Config, apply_overrides, config_from_dict, read_config_source
 from hvae_dist.errors import ConfigError
-
-log = logging.getLogger("hvae_dist.train")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -53,51 +49,9 @@ def resolve_config(args: argparse.Namespace) -> Config:
     return config_from_dict(apply_overrides(read_config_source(args.config), overrides))
 
 
-def main(cfg: Config, run_dir: str | Path, progress: bool | None = None, *,
-         on_trainer: Callable[[Any], None] | None = None, exit_process: bool = True) -> dict:
-    """Train (or resume) `run_dir` with `cfg` in this process, as one rank of the world from the environment.
-
-    `on_trainer(trainer)` runs once the Trainer exists and its signal handlers are installed (a SLURM
-    job hooks its own stop signal there). `exit_process=False`: in a distributed world, leave the
-    process group but do not end the process (see distributed.shutdown).
-    """
-    import torch
-
-    from hvae_dist.distributed import detect_world, device_for, init_distributed, shutdown
-    from hvae_dist.train.engine import Trainer
-    from hvae_dist.train.monitor import Monitor, setup_logging
-
-    world = detect_world()
-    if cfg.train.backend == "deepspeed":
-        from hvae_dist.train.deepspeed_backend import prepare_deepspeed_env
-        prepare_deepspeed_env(world)
-    init_distributed(world)
-    run_dir = Path(run_dir)
-    setup_logging(run_dir, world.is_main)
-    device = device_for(world)
-    if device.type == "cpu" and world.distributed:
-        # Oversubscribing the cores with one intra-op pool per rank is slower than splitting them.
-        import os
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world.world_size))
-    trainer = Trainer(cfg, run_dir, world, device)
-    resumed = trainer.maybe_resume()
-    trainer.write_config()
-    trainer.logger = Monitor(run_dir, world.is_main, cfg.train.log_every, cfg.train.eval_every, progress)
-    trainer.install_signal_handlers()
-    if on_trainer is not None:
-        on_trainer(trainer)
-    if world.is_main:
-        log.info("%s run %s: backend=%s precision=%s world=%d device=%s step=%d", "resuming" if resumed else "starting",
-                 run_dir, cfg.train.backend, cfg.train.precision, world.world_size, device, trainer.step)
-        log.info("checkpoints: %s  TensorBoard: tensorboard --logdir %s", run_dir / "checkpoints", run_dir / "tb")
-    result = trainer.fit()
-    if world.is_main:
-        log.info("stopped at step %d (%s)", result["step"], result["reason"])
-    shutdown(world, exit_process=exit_process)
-    return result
-
-
 def run(args: argparse.Namespace) -> int:
+    from hvae_dist.train.runner import run_training
+
     cfg = resolve_config(args)
-    main(cfg, args.run_dir, args.progress)
+    run_training(cfg, args.run_dir, args.progress)
     return 0

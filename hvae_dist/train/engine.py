@@ -14,12 +14,13 @@ import math
 import os
 import signal
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from hvae_dist.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from hvae_dist.config import Config
 from hvae_dist.data import get_dataset, parse_dataset_spec, perturb, preprocess_batch
 from hvae_dist.distributed import World, all_reduce_mean
@@ -27,8 +28,8 @@ from hvae_dist.errors import ConfigError, TrainingDivergedError
 from hvae_dist.model import HierarchicalVAE, build_model
 from hvae_dist.objectives import bits_per_dim, elbo_loss, free_nats_at, kl_warmup_beta
 from hvae_dist.train.backends import Backend, make_backend
-from hvae_dist.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from hvae_dist.train.ema import EMA
+from hvae_dist.train.monitor import Monitor
 
 log = logging.getLogger("hvae_dist.train")
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
@@ -59,13 +60,13 @@ class Counters:
     skipped_total: int = 0
     skipped_in_row: int = 0
     images_seen: int = 0
-    extra: dict = field(default_factory=dict)
 
 
 class Trainer:
     """Owns a run dir: builds data, model and backend, trains, checkpoints, resumes."""
 
-    def __init__(self, cfg: Config, run_dir: str | Path, world: World, device: torch.device, logger=None):
+    def __init__(self, cfg: Config, run_dir: str | Path, world: World, device: torch.device,
+                 monitor: Monitor | None = None):
         self.cfg, self.world, self.device = cfg, world, device
         self.run_dir = Path(run_dir)
         t = cfg.train
@@ -91,7 +92,7 @@ class Trainer:
         self.batches_per_epoch = len(self.train_set) // t.batch_size  # the last partial batch is dropped
         self.step, self.epoch, self.batch_in_epoch = 0, 0, 0
         self.counters = Counters()
-        self.logger = logger
+        self.monitor = monitor
         self._stop_requested = False
         self._perm: tuple[int, torch.Tensor] | None = None
         self._nan_steps = _nan_steps_from_env()
@@ -129,8 +130,8 @@ class Trainer:
             torch.cuda.set_rng_state(rng["cuda"])
 
     def save(self) -> Path | None:
-        if self.logger is not None:
-            self.logger.flush()  # events up to this step are on disk before the checkpoint a resume starts from
+        if self.monitor is not None:
+            self.monitor.flush()  # events up to this step are on disk before the checkpoint a resume starts from
         state = self.state_dict()  # collective in DDP: every rank takes part
         path = None
         if self.world.is_main:
@@ -164,9 +165,8 @@ class Trainer:
         # Draw for the global batch, then slice: the same numbers whatever the number of ranks.
         sl = slice(w.rank * self.local_batch, (w.rank + 1) * self.local_batch)
         if self.cfg.data.perturb_rate > 0:
-            pert_u = torch.rand(t.batch_size, *x_u8.shape[1:], generator=g)[sl]
-            pert_v = torch.randint(0, 256, (t.batch_size, *x_u8.shape[1:]), generator=g, dtype=torch.uint8)[sl]
-            x_u8 = torch.where(pert_u < self.cfg.data.perturb_rate, pert_v, x_u8)
+            x_global = self.images[perm[start:start + t.batch_size]]
+            x_u8 = perturb(x_global, self.cfg.data.perturb_rate, g)[sl]
         u = torch.rand(t.batch_size, *x_u8.shape[1:], generator=g)[sl]
         mode = self.cfg.data.binarize
         x = preprocess_batch(x_u8, mode, u if mode in ("dynamic", "dequantize") else None)
@@ -246,16 +246,18 @@ class Trainer:
         max_steps = max_steps if max_steps is not None else t.max_steps
         start_time, reason = time.monotonic(), "finished"
         last_t, last_step = time.perf_counter(), self.step
-        if self.logger is not None:
-            self.logger.start(self.step, max_steps)
+        if self.monitor is not None:
+            self.monitor.start(self.step, max_steps)
         while self.step < max_steps:
             stats = self.train_step()
-            if self.logger is not None:
+            if self.monitor is not None:
                 now = time.perf_counter()
                 stats["images_per_s_total"] = (self.step - last_step) * t.batch_size / max(now - last_t, 1e-9)
                 stats["images_per_s_per_rank"] = stats["images_per_s_total"] / self.world.world_size
                 last_t, last_step = now, self.step
-                self.logger.on_step(self, stats)
+                self.monitor.on_step(self.step, stats)
+                if t.eval_every and self.step % t.eval_every == 0:
+                    self.validate()
             if self.step % t.checkpoint_every == 0 and self.step < max_steps:
                 self.save()
             if self.stop_requested():
@@ -265,9 +267,22 @@ class Trainer:
                 reason = "time"
                 break
         self.save()
-        if self.logger is not None:
-            self.logger.close(self, evaluate=reason != "signal")
+        if self.monitor is not None:
+            # A final validation unless just done, or stopped by a signal (a preempted job's grace time is short).
+            if reason != "signal" and t.eval_every and self.step % t.eval_every != 0:
+                self.validate()
+            self.monitor.close()
         return {"step": self.step, "reason": reason}
+
+    def validate(self) -> None:
+        """Validation scalars and image grids to the monitor (rank 0), with the EMA weights when kept."""
+        if self.monitor is None or not self.monitor.is_main:
+            return
+        model = self.ema.model if self.ema is not None else self.model
+        x, _ = self.next_batch()
+        # Under the training precision: DeepSpeed bf16 holds the module's weights in bf16 themselves.
+        with self.backend.autocast():
+            self.monitor.evaluate(self.step, model, self.cfg, x)
 
     def write_config(self) -> None:
         if self.world.is_main:

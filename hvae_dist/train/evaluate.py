@@ -11,8 +11,10 @@ import numpy as np
 import torch
 
 from hvae_dist.config import Config
-from hvae_dist.data import get_dataset, parse_dataset_spec, preprocess_batch
+from hvae_dist.data import get_dataset, parse_dataset_spec
 from hvae_dist.model import HierarchicalVAE
+from hvae_dist.objectives import bits_per_dim
+from hvae_dist.score.layout import group_name
 from hvae_dist.score.scorer import IWScorer, ScoreSettings
 
 
@@ -41,14 +43,15 @@ def evaluate(model: HierarchicalVAE, cfg: Config, device: torch.device, batch_si
                                            binarize=cfg.data.binarize, sample_chunk=t.eval_iw_samples), device)
     for spec in cfg.data.val_datasets:
         name, split = parse_dataset_spec(spec)
+        group = group_name(f"{name}:{split}")
         ds = get_dataset(name, split, cfg.data.root, cfg.data.download, t.eval_examples)
         images = torch.from_numpy(np.array(ds.images))
         parts = [scorer.score_batch(images[a:a + batch_size], torch.arange(a, min(a + batch_size, len(ds))),
-                                    f"{name}/{split}") for a in range(0, len(ds), batch_size)]
+                                    group) for a in range(0, len(ds), batch_size)]
         elbo = np.concatenate([p["elbo"] for p in parts])
         tag = spec.replace(":", "_")
         results[f"val/{tag}/elbo"] = float(elbo.mean())
-        results[f"val/{tag}/bpd"] = float(-elbo.mean() / (num_dims * math.log(2)))
+        results[f"val/{tag}/bpd"] = float(bits_per_dim(-elbo.mean(), num_dims))
         entry = {"elbo": elbo}
         if ks:
             entry["llr1"] = np.concatenate([p["llr"][:, 0] for p in parts])
@@ -58,7 +61,7 @@ def evaluate(model: HierarchicalVAE, cfg: Config, device: torch.device, batch_si
             # One posterior-sample pass for the posterior means (active units).
             means = [[] for _ in range(model.num_layers)]
             for a in range(0, len(ds), batch_size):
-                x = scorer.preprocess(images[a:a + batch_size].to(device), f"{name}/{split}",
+                x = scorer.preprocess(images[a:a + batch_size].to(device), group,
                                       torch.arange(a, min(a + batch_size, len(ds)), device=device))
                 for i, m in enumerate(model(x).posterior_means):
                     means[i].append(m)

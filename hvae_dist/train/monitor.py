@@ -3,11 +3,12 @@ from __future__ import annotations
 
 import logging
 import sys
-import time
 from pathlib import Path
 
 import torch
 
+from hvae_dist.config import Config
+from hvae_dist.model import HierarchicalVAE
 from hvae_dist.train.evaluate import evaluate
 
 log = logging.getLogger("hvae_dist.train")
@@ -31,15 +32,19 @@ def setup_logging(run_dir: Path, is_main: bool) -> None:
 
 
 class Monitor:
-    """Rank 0 writes TensorBoard (run_dir/tb) and the progress bar; other ranks do nothing."""
+    """Rank 0 writes TensorBoard (run_dir/tb), the log lines and the progress bar; other ranks do nothing.
 
-    def __init__(self, run_dir: Path, is_main: bool, log_every: int, eval_every: int, progress: bool | None = None):
+    The trainer passes what each call needs (step, stats, the model to validate); the monitor never
+    sees the trainer itself.
+    """
+
+    def __init__(self, run_dir: Path, is_main: bool, log_every: int, device: torch.device,
+                 progress: bool | None = None):
         self.run_dir, self.is_main = Path(run_dir), is_main
-        self.log_every, self.eval_every = log_every, eval_every
+        self.log_every, self.device = log_every, device
         self.writer = None
         self.bar = None
         self.progress = sys.stderr.isatty() if progress is None else progress
-        self._peak_rss = 0
 
     def start(self, step: int, max_steps: int) -> None:
         if not self.is_main:
@@ -53,63 +58,56 @@ class Monitor:
         if self.progress:
             from tqdm import tqdm
             self.bar = tqdm(total=max_steps, initial=step, desc="train", unit="step", dynamic_ncols=True)
-        self._t0 = time.perf_counter()
 
-    def _memory_mb(self, device: torch.device) -> float:
-        if device.type == "cuda":
-            return torch.cuda.max_memory_allocated(device) / 2**20
+    def _memory_mb(self) -> float:
+        if self.device.type == "cuda":
+            return torch.cuda.max_memory_allocated(self.device) / 2**20
         import resource
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
-    def on_step(self, trainer, stats: dict) -> None:
+    def on_step(self, step: int, stats: dict) -> None:
+        """After update `step`: progress bar, TensorBoard scalars every log_every steps (and on skips), log line."""
         if not self.is_main:
             return
-        step = trainer.step
         if self.bar is not None:
             self.bar.update(1)
             self.bar.set_postfix(loss=f"{stats['loss']:.1f}", bpd=f"{stats['bpd']:.3f}", refresh=False)
         if step % self.log_every == 0 or stats["skipped"]:
             for key, value in stats.items():
                 self.writer.add_scalar(f"train/{key}", value, step)
-            self.writer.add_scalar("perf/peak_memory_mb", self._memory_mb(trainer.device), step)
+            self.writer.add_scalar("perf/peak_memory_mb", self._memory_mb(), step)
         if step % self.log_every == 0:
             log.info("step %d loss %.3f elbo %.3f bpd %.4f grad_norm %.2f skipped %d img/s %.0f", step, stats["loss"],
                      stats["elbo"], stats["bpd"], stats["grad_norm"], stats["skipped_total"], stats["images_per_s_total"])
-        if self.eval_every and step % self.eval_every == 0:
-            self.evaluate(trainer)
 
-    def evaluate(self, trainer) -> None:
-        model = trainer.ema.model if trainer.ema is not None else trainer.model
-        step = trainer.step
-        # Under the training precision: DeepSpeed bf16 holds the module's weights in bf16 themselves.
-        with trainer.backend.autocast():
-            for key, value in evaluate(model, trainer.cfg, trainer.device).items():
-                self.writer.add_scalar(key, value, step)
-            self.write_images(trainer, model)
+    def evaluate(self, step: int, model: HierarchicalVAE, cfg: Config, batch: torch.Tensor) -> None:
+        """Validation scalars of `model` and image grids (prior samples; reconstructions of `batch`, model input)."""
+        if not self.is_main:
+            return
+        for key, value in evaluate(model, cfg, self.device).items():
+            self.writer.add_scalar(key, value, step)
+        self.write_images(step, model, cfg.train.seed, batch)
         self.writer.flush()
 
     @torch.no_grad()
-    def write_images(self, trainer, model) -> None:
+    def write_images(self, step: int, model: HierarchicalVAE, seed: int, batch: torch.Tensor) -> None:
         from torchvision.utils import make_grid
-        g = torch.Generator(device=trainer.device).manual_seed(trainer.cfg.train.seed)
-        samples = model.sample_prior(64, device=trainer.device, generator=g)
-        self.writer.add_image("samples/prior", make_grid(samples.float().cpu(), nrow=8), trainer.step)
-        x, _ = trainer.next_batch()
-        recon = model.reconstruct(x[:32])
-        pairs = torch.stack([x[:32].float(), recon.float()], dim=1).flatten(0, 1)
-        self.writer.add_image("samples/reconstructions", make_grid(pairs.cpu(), nrow=8), trainer.step)
+        g = torch.Generator(device=self.device).manual_seed(seed)
+        samples = model.sample_prior(64, device=self.device, generator=g)
+        self.writer.add_image("samples/prior", make_grid(samples.float().cpu(), nrow=8), step)
+        x = batch[:32]
+        recon = model.reconstruct(x)
+        pairs = torch.stack([x.float(), recon.float()], dim=1).flatten(0, 1)
+        self.writer.add_image("samples/reconstructions", make_grid(pairs.cpu(), nrow=8), step)
 
     def flush(self) -> None:
         """Write queued events to disk (before each checkpoint, so that a resume loses none of its steps)."""
         if self.writer is not None:
             self.writer.flush()
 
-    def close(self, trainer, evaluate: bool = True) -> None:
-        """Final validation (unless just done, or `evaluate` is False: a preempted job's grace time is short)."""
+    def close(self) -> None:
         if not self.is_main:
             return
-        if evaluate and self.eval_every and trainer.step % self.eval_every != 0:
-            self.evaluate(trainer)
         if self.bar is not None:
             self.bar.close()
         self.writer.close()

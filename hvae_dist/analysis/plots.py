@@ -20,7 +20,7 @@ import numpy as np
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-    from hvae_dist.analysis import Analysis
+    from hvae_dist.analysis.metrics import Analysis
 
 
 def file_stem(group: str) -> str:
@@ -28,7 +28,7 @@ def file_stem(group: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", group)
 
 
-def _new_figure(ncols: int, width: float = 4.2, height: float = 3.4) -> tuple["Figure", list[Any]]:
+def _new_figure(ncols: int, width: float = 4.2, height: float = 3.4) -> tuple[Figure, list[Any]]:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -38,7 +38,7 @@ def _new_figure(ncols: int, width: float = 4.2, height: float = 3.4) -> tuple["F
     return fig, list(axes)
 
 
-def roc_figure(result: "Analysis", ood: str) -> "Figure":
+def roc_figure(result: Analysis, ood: str) -> Figure:
     """ROC curves of every score of `result` for one OOD group."""
     from sklearn.metrics import roc_curve
 
@@ -58,7 +58,7 @@ def roc_figure(result: "Analysis", ood: str) -> "Figure":
     return fig
 
 
-def _histogram_panels(result: "Analysis") -> list[tuple[str, dict[str, np.ndarray]]]:
+def _histogram_panels(result: Analysis) -> list[tuple[str, dict[str, np.ndarray]]]:
     """(title, group -> values) for log p(x) and each LLR>k."""
     ks = result.attrs["ks"]
     panels = [("log p(x) (ELBO, nats)", {g: d["elbo"] for g, d in result.groups.items()})]
@@ -86,7 +86,7 @@ def _draw_histograms(ax: Any, title: str, series: dict[str, np.ndarray]) -> None
     ax.legend(fontsize=7)
 
 
-def histogram_figure(result: "Analysis", groups: list[str]) -> "Figure":
+def histogram_figure(result: Analysis, groups: list[str]) -> Figure:
     """log p(x) and LLR>k histograms of `groups` (the in-dist group first), one panel each."""
     panels = _histogram_panels(result)
     fig, axes = _new_figure(len(panels))
@@ -96,7 +96,7 @@ def histogram_figure(result: "Analysis", groups: list[str]) -> "Figure":
     return fig
 
 
-def make_figures(result: "Analysis") -> dict[str, "Figure"]:
+def make_figures(result: Analysis) -> dict[str, Figure]:
     """name (file stem) -> figure, for every OOD group plus the all-groups histogram."""
     figures: dict[str, Figure] = {}
     for ood in result.ood_groups:
@@ -107,7 +107,7 @@ def make_figures(result: "Analysis") -> dict[str, "Figure"]:
     return figures
 
 
-def save_figures(figures: dict[str, "Figure"], out: Path, dpi: int = 120) -> list[Path]:
+def save_figures(figures: dict[str, Figure], out: Path, dpi: int = 120) -> list[Path]:
     """Write each figure to out/<name>.png; returns the paths."""
     paths = []
     for name, fig in figures.items():
@@ -125,7 +125,7 @@ def tensorboard_dir(path: str | Path) -> Path:
     return path
 
 
-def write_tensorboard(path: str | Path, result: "Analysis", markdown: str, figures: dict[str, "Figure"],
+def write_tensorboard(path: str | Path, result: Analysis, markdown: str, figures: dict[str, Figure],
                       step: int = 0) -> Path:
     """Log the metrics table (text), the figures and every metric (scalar `ood/<METRIC>/<OOD>/<score id>`)."""
     from torch.utils.tensorboard import SummaryWriter

@@ -1,4 +1,4 @@
-"""OOD metrics (AUROC, AUPRC, FPR80) and tables from a merged score file (`hvae analyze`).
+"""OOD scores and metrics (AUROC, AUPRC, FPR80) from a merged score file: what `hvae analyze` computes.
 
 The in-distribution set (``--in-dist NAME:SPLIT``, usually the test split) is the negative class
 (label 0); each other dataset in the file is, in turn, the positive class (label 1). Other splits of
@@ -26,142 +26,31 @@ well below 0.5 would mean the stored llr has the opposite sign.
 
 Python use::
 
-    from hvae_dist.analysis import analyze, compute_metrics, load_scores
+    from hvae_dist.analysis import analyze, compute_metrics
+    from hvae_dist.score import read_scores
     rows = analyze("scores/fmnist/scores.h5", "FashionMNIST:test")      # computes, writes nothing
     rows = analyze("scores/fmnist/scores.h5", "FashionMNIST:test", out_dir="reports/fmnist")
-    groups, attrs = load_scores("scores/fmnist/scores.h5")             # plain numpy arrays
+    groups, attrs = read_scores("scores/fmnist/scores.h5")             # plain numpy arrays
     compute_metrics(groups["FashionMNIST/test"]["llr"][:, 0],          # negatives: in-dist
                     groups["MNIST/test"]["llr"][:, 0])                 # -> {"auroc", "auprc", "fpr80"}
 """
 from __future__ import annotations
 
-import csv
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
 
 from hvae_dist.errors import ConfigError, ScoreFileError
+from hvae_dist.score.complexity import METHODS as COMPLEXITY_METHODS
+from hvae_dist.score.layout import group_name
+from hvae_dist.score.reader import read_scores
 
-REQUIRED_DATASETS = ("index", "elbo", "elbo_1", "lk", "llr", "kl", "bpd")
-COMPLEXITY_METHODS = ("png", "zlib")
 TPR_LEVEL = 0.8
 METRICS = ("auroc", "auprc", "fpr80")
 SCORE_FAMILIES = ("nll", "lk", "llr", "complexity", "background", "typicality")
-
-
-# ----------------------------------------------------------------------------------------------- reading
-class ScoreFile(NamedTuple):
-    """What `load_scores` returns; unpacks as ``groups, attrs = load_scores(path)``."""
-
-    groups: dict[str, dict[str, np.ndarray]]  # "FashionMNIST/test" -> {"elbo": (N,), "lk": (N, K), ...}
-    attrs: dict[str, Any]  # root attributes, numpy types converted to Python (config stays a JSON string)
-
-
-def _attr_value(value: Any) -> Any:
-    if isinstance(value, bytes):
-        return value.decode()
-    if isinstance(value, np.ndarray):
-        return [_attr_value(v) for v in value.tolist()]
-    if isinstance(value, np.generic):
-        return value.item()
-    return value
-
-
-def load_scores(path: str | Path) -> ScoreFile:
-    """Read every score group of a merged score file into numpy arrays.
-
-    A group is any HDF5 group holding datasets ("<Dataset>/<split>"); each must hold all of
-    `REQUIRED_DATASETS` with consistent shapes (lk / llr: (N, len(ks))). Extra per-example datasets
-    (e.g. `complexity_png`) are read too. Raises ScoreFileError naming the file and what is wrong.
-    """
-    import h5py
-
-    path = Path(path)
-    if not path.is_file():
-        raise ScoreFileError(f"{path}: no such score file")
-    try:
-        f = h5py.File(path, "r")
-    except OSError as e:
-        raise ScoreFileError(f"{path}: not a readable HDF5 file ({e})") from e
-    with f:
-        attrs = {k: _attr_value(v) for k, v in f.attrs.items()}
-        found: dict[str, Any] = {}
-
-        def visit(name: str, obj: Any) -> None:
-            if isinstance(obj, h5py.Dataset):
-                found.setdefault(name.rsplit("/", 1)[0] if "/" in name else "", obj.parent)
-
-        f.visititems(visit)
-        if "" in found:
-            raise ScoreFileError(f"{path}: datasets at the file root; scores must live in '<Dataset>/<split>' groups")
-        if not found:
-            raise ScoreFileError(f"{path}: contains no score groups")
-        groups = {name: {k: np.asarray(d[()]) for k, d in g.items() if isinstance(d, h5py.Dataset)}
-                  for name, g in sorted(found.items())}
-    if "ks" not in attrs:
-        raise ScoreFileError(f"{path}: root attribute 'ks' (the list of k of L>k) is missing")
-    attrs["ks"] = [int(k) for k in np.atleast_1d(attrs["ks"])]
-    for name, data in groups.items():
-        _validate_group(path, name, data, attrs["ks"])
-    return ScoreFile(groups, attrs)
-
-
-def _validate_group(path: Path, name: str, data: dict[str, np.ndarray], ks: list[int]) -> None:
-    missing = [k for k in REQUIRED_DATASETS if k not in data]
-    if missing:
-        raise ScoreFileError(f"{path}: group '{name}' lacks dataset(s) {', '.join(missing)} "
-                             f"(has: {', '.join(sorted(data)) or 'nothing'})")
-    n = data["index"].shape[0] if data["index"].ndim == 1 else -1
-    expect = {"index": (n,), "elbo": (n,), "elbo_1": (n,), "bpd": (n,), "lk": (n, len(ks)), "llr": (n, len(ks))}
-    for key, shape in expect.items():
-        if data[key].shape != shape:
-            raise ScoreFileError(f"{path}: '{name}/{key}' has shape {data[key].shape}, expected {shape} "
-                                 f"(N = len(index), K = len(ks) = {len(ks)})")
-    if data["kl"].ndim != 2 or data["kl"].shape[0] != n:
-        raise ScoreFileError(f"{path}: '{name}/kl' has shape {data['kl'].shape}, expected ({n}, L)")
-    for key, value in data.items():
-        if key not in REQUIRED_DATASETS and value.shape[:1] != (n,):
-            raise ScoreFileError(f"{path}: extra dataset '{name}/{key}' has shape {value.shape}, expected ({n}, ...)")
-    if n == 0:
-        raise ScoreFileError(f"{path}: group '{name}' has no rows")
-    if "complete" in data and not np.all(data["complete"]):
-        raise ScoreFileError(f"{path}: group '{name}' has {int(np.sum(~data['complete'].astype(bool)))} "
-                             "incomplete rows (an unfinished shard?); run `hvae merge` on finished shards")
-
-
-def to_dataframe(path: str | Path):
-    """The score file as one long pandas DataFrame: a row per example, columns group, dataset, split,
-    index, elbo, elbo_1, bpd, lk_<k>, llr_<k>, kl_<layer> (1 = bottom) and any extra per-example values."""
-    try:
-        import pandas as pd
-    except ImportError as e:
-        raise ImportError("to_dataframe needs pandas (pip install pandas); "
-                          "load_scores(path) returns the same data as numpy arrays") from e
-    groups, attrs = load_scores(path)
-    frames = []
-    for name, data in groups.items():
-        cols: dict[str, Any] = {"group": name, "dataset": name.rsplit("/", 1)[0], "split": name.rsplit("/", 1)[-1]}
-        for key, value in data.items():
-            if key in ("lk", "llr"):
-                cols.update({f"{key}_{k}": value[:, j] for j, k in enumerate(attrs["ks"])})
-            elif key == "kl":
-                cols.update({f"kl_{i + 1}": value[:, i] for i in range(value.shape[1])})
-            elif value.ndim == 1:
-                cols[key] = value
-        frames.append(pd.DataFrame(cols))
-    return pd.concat(frames, ignore_index=True)
-
-
-def group_name(spec: str) -> str:
-    """"FashionMNIST:test" -> "FashionMNIST/test" (the score file's group name)."""
-    name, sep, split = spec.partition(":")
-    if not sep or not name or not split or "/" in name:
-        raise ConfigError(f"--in-dist {spec!r}: expected NAME:SPLIT, e.g. FashionMNIST:test")
-    return f"{name}/{split}"
 
 
 # ------------------------------------------------------------------------------------------------ scores
@@ -272,6 +161,15 @@ def compute_metrics(neg_scores: np.ndarray, pos_scores: np.ndarray) -> dict[str,
             "fpr80": float(fpr[first])}
 
 
+def _check_complete(path: Path, name: str, data: dict[str, np.ndarray]) -> None:
+    """Metrics of part of a dataset would look like a result: refuse empty groups and unfinished shards."""
+    if data["index"].size == 0:
+        raise ScoreFileError(f"{path}: group '{name}' has no rows")
+    if "complete" in data and not np.all(data["complete"]):
+        raise ScoreFileError(f"{path}: group '{name}' has {int(np.sum(~data['complete'].astype(bool)))} "
+                             "incomplete rows (an unfinished shard?); run `hvae merge` on finished shards")
+
+
 def _check_finite(values: np.ndarray, group: str, spec: ScoreSpec, path: Path) -> None:
     bad = ~np.isfinite(values)
     if bad.any():
@@ -304,7 +202,7 @@ def run_analysis(score_file: str | Path, in_dist: str, background: str | Path | 
     """Load, score and compute the metrics for every OOD group x score (no files written)."""
     path = Path(score_file)
     in_group = group_name(in_dist) if ":" in in_dist or "/" not in in_dist else in_dist
-    groups, attrs = load_scores(path)
+    groups, attrs = read_scores(path)
     if in_group not in groups:
         raise ScoreFileError(f"{path}: no in-distribution group '{in_group}'; groups in the file: "
                              f"{', '.join(groups)}")
@@ -313,11 +211,13 @@ def run_analysis(score_file: str | Path, in_dist: str, background: str | Path | 
     if not ood_groups:
         raise ScoreFileError(f"{path}: no OOD group besides '{in_name}/*'; groups in the file: {', '.join(groups)}")
     used = [in_group] + ood_groups
+    for g in used:
+        _check_complete(path, g, groups[g])
     ref = typicality_reference(groups, in_group)
     bg_groups, bg_path = None, None
     if background is not None:
         bg_path = Path(background)
-        bg_groups = load_scores(bg_path).groups
+        bg_groups = read_scores(bg_path).groups
         lacking = [g for g in used if g not in bg_groups]
         if lacking:
             raise ScoreFileError(f"{bg_path}: background file lacks group(s) {', '.join(lacking)}; "
@@ -341,97 +241,3 @@ def run_analysis(score_file: str | Path, in_dist: str, background: str | Path | 
                          "n_in": int(values[in_group][s.id].size), "n_ood": int(values[g][s.id].size),
                          "orientation": s.meaning + "; higher = more OOD"})
     return Analysis(path, in_group, ood_groups, specs, rows, values, {g: groups[g] for g in used}, attrs, ref, bg_path)
-
-
-def analyze(score_file: str | Path, in_dist: str, out_dir: str | Path | None = None,
-            background: str | Path | None = None, scores: list[str] | None = None,
-            plots: bool = True, tensorboard: str | Path | None = None) -> list[dict[str, Any]]:
-    """Metric rows (one per OOD group x score: in_dist, ood, score, label, auroc, auprc, fpr80, n_in,
-    n_ood, orientation). With `out_dir`, also writes metrics.{md,csv,json} (and PNGs unless plots=False)
-    there; with `tensorboard`, logs the table, figures and metrics to that run / TensorBoard dir."""
-    result = run_analysis(score_file, in_dist, background=background, scores=scores)
-    report(result, out_dir, plots=plots, tensorboard=tensorboard)
-    return result.rows
-
-
-def report(result: Analysis, out_dir: str | Path | None, plots: bool = True,
-           tensorboard: str | Path | None = None, tb_step: int = 0) -> list[Path]:
-    """Write the tables (and figures) of `result` to out_dir and/or TensorBoard; returns the files written."""
-    from hvae_dist import plots as plotting
-
-    written: list[Path] = []
-    figures = plotting.make_figures(result) if plots and (out_dir is not None or tensorboard is not None) else {}
-    if out_dir is not None:
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        written += write_tables(result, out)
-        written += plotting.save_figures(figures, out)
-    if tensorboard is not None:
-        plotting.write_tensorboard(tensorboard, result, format_markdown(result), figures, step=tb_step)
-    return written
-
-
-# ------------------------------------------------------------------------------------------------ tables
-def sign_convention(result: Analysis) -> list[tuple[str, str, str]]:
-    """(label, id, what it is) for each score of the analysis; every score: higher = more OOD."""
-    return [(s.label, s.id, s.meaning) for s in result.specs]
-
-
-def format_text(result: Analysis) -> str:
-    """The terminal table: one block per OOD set, one line per score, then the sign convention."""
-    width = max(len(s.label) for s in result.specs)
-    lines = [f"in-distribution (negatives): {result.in_group}  (n={result.rows[0]['n_in']})", ""]
-    header = f"{'OOD (positives)':<24} {'score':<{width}}  {'AUROC':>7} {'AUPRC':>7} {'FPR80':>7}"
-    lines += [header, "-" * len(header)]
-    for g in result.ood_groups:
-        for r in (r for r in result.rows if r["ood"] == g):
-            lines.append(f"{g:<24} {r['label']:<{width}}  {r['auroc']:7.4f} {r['auprc']:7.4f} {r['fpr80']:7.4f}")
-        lines.append("")
-    lines.append("sign convention: every score is oriented so that higher = more OOD")
-    lines += [f"  {label:<{width}}  {meaning}" for label, _, meaning in sign_convention(result)]
-    return "\n".join(lines)
-
-
-def format_markdown(result: Analysis) -> str:
-    """metrics.md: provenance, the metrics table and the sign convention table."""
-    a = result.attrs
-    lines = [f"# OOD metrics: {result.in_group} (in-distribution) vs {', '.join(result.ood_groups)}", "",
-             f"- score file: `{result.score_file}`"]
-    if result.background_file:
-        lines.append(f"- background score file: `{result.background_file}`")
-    for key in ("model_checkpoint", "iw_samples", "ks", "seed", "created"):
-        if key in a:
-            lines.append(f"- {key}: {a[key]}")
-    lines += ["- negatives (label 0): in-distribution; positives (label 1): OOD; FPR80 = FPR at TPR >= 0.8", "",
-              "| OOD | score | AUROC | AUPRC | FPR80 | n in-dist | n OOD |", "|---|---|---:|---:|---:|---:|---:|"]
-    for r in result.rows:
-        lines.append(f"| {r['ood']} | {_md(r['label'])} | {r['auroc']:.4f} | {r['auprc']:.4f} | {r['fpr80']:.4f} "
-                     f"| {r['n_in']} | {r['n_ood']} |")
-    lines += ["", "## Sign convention (every score: higher = more OOD)", "", "| score | id | value |", "|---|---|---|"]
-    lines += [f"| {_md(label)} | `{sid}` | {_md(meaning)} |" for label, sid, meaning in sign_convention(result)]
-    return "\n".join(lines) + "\n"
-
-
-def _md(text: str) -> str:
-    return text.replace("|", "\\|")
-
-
-def write_tables(result: Analysis, out: Path) -> list[Path]:
-    """metrics.md, metrics.csv and metrics.json in `out`."""
-    md, csv_path, js = out / "metrics.md", out / "metrics.csv", out / "metrics.json"
-    md.write_text(format_markdown(result))
-    fields = ["in_dist", "ood", "score", "label", *METRICS, "n_in", "n_ood"]
-    with csv_path.open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
-        w.writeheader()
-        w.writerows(result.rows)
-    meta = {k: result.attrs[k] for k in ("model_checkpoint", "model_sha256", "iw_samples", "ks", "seed", "created",
-                                         "format_version", "package_version") if k in result.attrs}
-    doc = {"score_file": str(result.score_file), "in_dist": result.in_group, "ood": result.ood_groups,
-           "background_file": str(result.background_file) if result.background_file else None,
-           "typicality_reference": result.typicality_ref, "attrs": meta,
-           "sign_convention": {"higher_is_ood": True,
-                               "scores": [{"id": s.id, "label": s.label, "value": s.meaning} for s in result.specs]},
-           "rows": result.rows}
-    js.write_text(json.dumps(doc, indent=2) + "\n")
-    return [md, csv_path, js]

@@ -9,7 +9,7 @@
 
 train: one job of nodes x tasks-per-node tasks; the tasks are the ranks of one DDP / DeepSpeed world
 (hvae_dist.distributed reads it from SLURM). It checkpoints and requeues itself on a time-out or
-preemption and resumes from the run dir (see hvae_dist.slurm_jobs). score: one array job, one task per
+preemption and resumes from the run dir (see hvae_dist.submit.jobs). score: one array job, one task per
 shard, then a merge (+ analyze) job that starts when every shard succeeded (afterok). pipeline: train ->
 score array -> merge + analyze, submitted at once as dependent jobs. submit returns after sbatch.
 """
@@ -21,9 +21,8 @@ import shutil
 import sys
 from pathlib import Path
 
-from hvae_dist.errors import ConfigError, HvaeError
+from hvae_dist.errors import ConfigError, SubmitError
 
-TRAIN_EXTRA = {"--progress"}                 # `hvae train` options a SLURM job sets itself
 SCORE_EXTRA = {"--shard", "--num-shards", "--progress", "--no-progress"}
 
 
@@ -108,10 +107,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 # ----- executors -----
-class SubmitError(HvaeError):
-    """SLURM is not reachable or refused a job."""
-
-
 def _require_slurm() -> None:
     missing = [c for c in ("sbatch", "srun", "scontrol") if shutil.which(c) is None]
     if missing:
@@ -183,7 +178,7 @@ def resolve_train_config(args: argparse.Namespace, world_size: int) -> dict:
 
 def submit_train(args: argparse.Namespace, out=sys.stdout):
     """Submit the training job; returns the submitit Job (of task 0)."""
-    from hvae_dist.slurm_jobs import TrainJob
+    from hvae_dist.submit.jobs import TrainJob
 
     args.run_dir = str(Path(args.run_dir).resolve())
     nodes, tasks = _train_world(args)
@@ -226,7 +221,7 @@ def score_argv(args: argparse.Namespace, run_dir: str, out_dir: str) -> list[str
 def submit_score(args: argparse.Namespace, run_dir: str, out_dir: str, after: str | None = None,
                  prefix: str = "", in_dist_default: str | None = None, out=sys.stdout):
     """Submit the score array and the merge (+ analyze) job; returns (shard jobs, merge job)."""
-    from hvae_dist.slurm_jobs import MergeAnalyze, ScoreShard
+    from hvae_dist.submit.jobs import MergeAnalyze, ScoreShard
 
     n = args.num_shards
     if n < 1:
@@ -252,7 +247,7 @@ def submit_score(args: argparse.Namespace, run_dir: str, out_dir: str, after: st
     print(f"score array {array_id}: {n} shard(s) (tasks {array_id}_0..{array_id}_{n - 1}{limit}), "
           f"S={args.iw_samples}" + (f", after job {after or args.after}" if (after or args.after) else ""), file=out)
     print(f"  logs:   {logs / (array_id + '_<shard>')}/{array_id}_<shard>_0_log.{{out,err}}", file=out)
-    print(f"  shards: {Path(out_dir) / ('shard-<I>-of-%05d.h5' % n)}", file=out)
+    print(f"  shards: {Path(out_dir) / f'shard-<I>-of-{n:05d}.h5'}", file=out)
     what = "merge + analyze" if in_dist else "merge"
     print(f"merge job {merge_job.job_id} ({what}, after array {array_id} succeeds)", file=out)
     print(f"  logs:   {_log_paths(merge_job)}", file=out)
@@ -280,15 +275,11 @@ def submit_pipeline(args: argparse.Namespace, out=sys.stdout):
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        if args.what == "train":
-            submit_train(args)
-        elif args.what == "score":
-            args.run_dir = str(Path(args.run_dir).resolve())
-            submit_score(args, args.run_dir, str(Path(args.out).resolve()))
-        else:
-            submit_pipeline(args)
-    except HvaeError as e:
-        print(f"hvae submit {args.what}: error: {e}", file=sys.stderr)
-        return 2
+    if args.what == "train":
+        submit_train(args)
+    elif args.what == "score":
+        args.run_dir = str(Path(args.run_dir).resolve())
+        submit_score(args, args.run_dir, str(Path(args.out).resolve()))
+    else:
+        submit_pipeline(args)
     return 0

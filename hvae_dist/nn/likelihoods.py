@@ -7,15 +7,13 @@ gaussian takes continuous x in [0, 1].
 """
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from hvae_dist.config import LIKELIHOODS
 from hvae_dist.nn.layers import conv2d
-
-LOG_2PI = math.log(2 * math.pi)
+from hvae_dist.nn.stochastic import LOG_2PI
 
 
 class Likelihood(nn.Module):
@@ -118,8 +116,8 @@ class DiscretizedLogistic(DiscretizedLogisticMixture):
         return super().mean(self._mixture_params(params))
 
 
-_LIKELIHOODS = {"bernoulli": Bernoulli, "gaussian": Gaussian, "dmol": DiscretizedLogisticMixture,
-                "discretized_logistic": DiscretizedLogistic}
+# In config's order: ("bernoulli", "dmol", "discretized_logistic", "gaussian").
+_LIKELIHOODS = dict(zip(LIKELIHOODS, (Bernoulli, DiscretizedLogisticMixture, DiscretizedLogistic, Gaussian)))
 
 
 def build_likelihood(name: str, in_channels: int, data_channels: int, num_mixtures: int = 10,

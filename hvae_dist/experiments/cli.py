@@ -12,12 +12,14 @@ import time
 from pathlib import Path
 
 from hvae_dist.cli import main as hvae
+from hvae_dist.config import SCORE_PRECISIONS
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
+def add_demo_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="runs/demo", help="folder for the run, scores and report (default runs/demo)")
     p.add_argument("--minutes", type=float, default=10.0, help="training wall time budget (default 10)")
-    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
+    # The one precision trains and scores: only those both commands take.
+    p.add_argument("--precision", choices=SCORE_PRECISIONS, default="fp32", help="fp32 (default) or bf16")
     p.add_argument("--iw-samples", type=int, default=16, help="importance samples per bound (default 16)")
     p.add_argument("--max-examples", type=int, default=500, help="examples scored per dataset (default 500)")
     p.add_argument("--datasets", nargs="+", default=["FashionMNIST:test", "MNIST:test", "AnimalMNIST:test"])
@@ -32,7 +34,7 @@ def _run(argv: list[str]) -> None:
         raise SystemExit(f"hvae {argv[0]} failed with exit code {code}")
 
 
-def run(args: argparse.Namespace) -> int:
+def run_demo(args: argparse.Namespace) -> int:
     out = Path(args.out)
     run_dir, scores, report = out / "run", out / "scores", out / "report"
     t0 = time.monotonic()

@@ -14,9 +14,9 @@ threshold (`train.skip_threshold`) cannot be honoured and is refused. What is sk
   * a non-finite loss on ANY rank: a finiteness flag is all-reduced (MIN) before backward and every
     rank skips backward and step alike (StepResult(nan, skipped=True));
   * fp16 overflow: DeepSpeed's own loss scaler skips the step and lowers the scale
-    (`engine.was_step_applied()` is False; `engine.skipped_steps` counts them).
+    (`engine.was_step_applied()` is False).
 
-Checkpoints use the one format of `hvae_dist.train.checkpoint`: `"model"` is the full state_dict of
+Checkpoints use the one format of `hvae_dist.checkpoint`: `"model"` is the full state_dict of
 the unwrapped model in fp32 (for bf16/fp16 the fp32 master weights, gathered from the ZeRO partitions),
 `"optimizer"` is a list with one entry per rank, `{"zero_stage", "precision", "state"}`, where `state`
 is that rank's DeepSpeed optimizer state converted to plain types (weights-only loadable). Resuming
@@ -38,13 +38,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from hvae_dist.config import TrainConfig
+from hvae_dist.config import ZERO_STAGES, TrainConfig, deep_merge
 from hvae_dist.distributed import World, device_for, export_slurm_rendezvous
 from hvae_dist.errors import CheckpointError, ConfigError
-from hvae_dist.train.backends import Backend, StepResult
+from hvae_dist.train.backends.base import Backend, StepResult
 
 log = logging.getLogger("hvae_dist.train")
-SUPPORTED_ZERO_STAGES = (0, 1, 2)
 # Keys of the generated config that the engine's data flow depends on: one micro-batch of
 # batch_size / world per rank and one optimizer step per engine step.
 _FIXED_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
@@ -78,13 +77,6 @@ def prepare_deepspeed_env(world: World) -> None:
         torch.cuda.set_device(device_for(world))
     deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", auto_mpi_discovery=False,
                                rank=world.rank, world_size=world.world_size, verbose=False)
-
-
-def _deep_merge(base: dict, new: dict) -> dict:
-    out = dict(base)
-    for key, value in new.items():
-        out[key] = _deep_merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
-    return out
 
 
 def read_user_deepspeed_config(path: str) -> dict:
@@ -123,7 +115,7 @@ def deepspeed_config(cfg: TrainConfig, world: World) -> dict:
         ds["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 16, "loss_scale_window": 1000,
                       "hysteresis": 2, "min_loss_scale": 1}
     if cfg.deepspeed_config:
-        ds = _deep_merge(ds, read_user_deepspeed_config(cfg.deepspeed_config))
+        ds = deep_merge(ds, read_user_deepspeed_config(cfg.deepspeed_config))
         generated = {"train_batch_size": micro * world.world_size, "train_micro_batch_size_per_gpu": micro,
                      "gradient_accumulation_steps": 1}
         for key in _FIXED_KEYS:
@@ -132,9 +124,9 @@ def deepspeed_config(cfg: TrainConfig, world: World) -> dict:
                                   f"but the run needs {generated[key]!r} (train.batch_size={cfg.batch_size} over "
                                   f"{world.world_size} rank(s), one optimizer step per batch); change train.batch_size instead")
         stage = ds.get("zero_optimization", {}).get("stage", 0)
-        if stage not in SUPPORTED_ZERO_STAGES:
+        if stage not in ZERO_STAGES:
             raise ConfigError(f"config key 'train.deepspeed_config': zero_optimization.stage={stage!r} is not supported; "
-                              f"choose one of {', '.join(map(str, SUPPORTED_ZERO_STAGES))}")
+                              f"choose one of {', '.join(map(str, ZERO_STAGES))}")
         want = {"bf16": cfg.precision == "bf16", "fp16": cfg.precision == "fp16"}
         for key, on in want.items():
             if bool(ds.get(key, {}).get("enabled", False)) != on:
@@ -173,10 +165,6 @@ class DeepSpeedBackend(Backend):
                 f"train.skip_threshold={cfg.skip_threshold} is not supported with train.backend='deepspeed': DeepSpeed "
                 "clips and applies the update inside engine.step(), so an update cannot be skipped on its gradient norm "
                 "(non-finite losses and fp16 overflows are still skipped); unset train.skip_threshold or use --backend ddp")
-        if cfg.deepspeed_zero_stage not in SUPPORTED_ZERO_STAGES:
-            raise ConfigError(
-                f"train.deepspeed_zero_stage={cfg.deepspeed_zero_stage} is not supported: ZeRO-3 partitions the parameters "
-                "themselves, while checkpoints store the full unwrapped model; choose 0, 1 or 2")
         if not torch.distributed.is_initialized():
             prepare_deepspeed_env(world)
         import deepspeed
@@ -225,11 +213,6 @@ class DeepSpeedBackend(Backend):
         return StepResult(grad_norm=grad_norm, skipped=not applied)
 
     @property
-    def skipped_steps(self) -> int:
-        """Updates DeepSpeed itself skipped (fp16 overflow)."""
-        return int(getattr(self.engine, "skipped_steps", 0))
-
-    @property
     def lr(self) -> float:
         return float(self.engine.get_lr()[0])
 
@@ -266,7 +249,8 @@ class DeepSpeedBackend(Backend):
         if not isinstance(shards, list) or not all(isinstance(s, dict) and "zero_stage" in s for s in shards):
             made_with = state.get("config", {}).get("train", {}).get("backend", "?")
             raise CheckpointError(f"the checkpoint's optimizer state was not written by the DeepSpeed backend "
-                                  f"(train.backend={made_with!r}); resume it with --backend {made_with}, or start a new --run-dir")
+                                  f"(train.backend={made_with!r}); resume it with --backend {made_with}, "
+                                  "or start a new --run-dir")
         if len(shards) != self.world.world_size:
             raise CheckpointError(f"the checkpoint holds DeepSpeed optimizer shards of {len(shards)} rank(s), but this run has "
                                   f"{self.world.world_size}: resume with {len(shards)} rank(s) (ZeRO partitions the "

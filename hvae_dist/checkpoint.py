@@ -1,4 +1,4 @@
-"""The one checkpoint format, for every backend.
+"""The one checkpoint format, for every backend, and loading a model for evaluation (train and score share it).
 
 `DIR/checkpoints/latest.pt` and `DIR/checkpoints/step-N.pt` hold a dict:
 
@@ -108,8 +108,8 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     except Exception as e:
         raise CheckpointError(f"checkpoint {path} could not be read as a weights-only checkpoint: {e}") from e
     if not isinstance(state, dict) or state.get("schema_version") != SCHEMA_VERSION:
-        raise CheckpointError(f"checkpoint {path} has schema_version {state.get('schema_version') if isinstance(state, dict) else None}, "
-                              f"expected {SCHEMA_VERSION}")
+        found = state.get("schema_version") if isinstance(state, dict) else None
+        raise CheckpointError(f"checkpoint {path} has schema_version {found}, expected {SCHEMA_VERSION}")
     return state
 
 

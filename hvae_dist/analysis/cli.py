@@ -2,7 +2,7 @@
 
 Writes DIR/metrics.{md,csv,json} and the ROC / histogram PNGs (DIR defaults to FILE's folder /
 "analysis"), prints the table, and optionally logs it all to TensorBoard. Every score is oriented so
-that higher = more OOD; the table's footer says what each one is (see hvae_dist.analysis).
+that higher = more OOD; the table's footer says what each one is (see hvae_dist.analysis.metrics).
 Heavy imports (h5py, scikit-learn, matplotlib, torch) happen in `run`, so `hvae --help` stays fast.
 """
 from __future__ import annotations
@@ -32,7 +32,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from hvae_dist.analysis import report, run_analysis, format_text
+    from hvae_dist.analysis.metrics import run_analysis
+    from hvae_dist.analysis.report import format_text, report
 
     out = Path(args.out) if args.out else Path(args.file).resolve().parent / "analysis"
     result = run_analysis(args.file, args.in_dist, background=args.background, scores=args.scores)

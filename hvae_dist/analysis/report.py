@@ -1,0 +1,103 @@
+"""What `hvae analyze` writes: the terminal table, metrics.{md,csv,json}, figures and TensorBoard."""
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+from typing import Any
+
+from hvae_dist.analysis.metrics import METRICS, Analysis, run_analysis
+
+
+def analyze(score_file: str | Path, in_dist: str, out_dir: str | Path | None = None,
+            background: str | Path | None = None, scores: list[str] | None = None,
+            plots: bool = True, tensorboard: str | Path | None = None) -> list[dict[str, Any]]:
+    """Metric rows (one per OOD group x score: in_dist, ood, score, label, auroc, auprc, fpr80, n_in,
+    n_ood, orientation). With `out_dir`, also writes metrics.{md,csv,json} (and PNGs unless plots=False)
+    there; with `tensorboard`, logs the table, figures and metrics to that run / TensorBoard dir."""
+    result = run_analysis(score_file, in_dist, background=background, scores=scores)
+    report(result, out_dir, plots=plots, tensorboard=tensorboard)
+    return result.rows
+
+
+def report(result: Analysis, out_dir: str | Path | None, plots: bool = True,
+           tensorboard: str | Path | None = None, tb_step: int = 0) -> list[Path]:
+    """Write the tables (and figures) of `result` to out_dir and/or TensorBoard; returns the files written."""
+    from hvae_dist.analysis import plots as plotting
+
+    written: list[Path] = []
+    figures = plotting.make_figures(result) if plots and (out_dir is not None or tensorboard is not None) else {}
+    if out_dir is not None:
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        written += write_tables(result, out)
+        written += plotting.save_figures(figures, out)
+    if tensorboard is not None:
+        plotting.write_tensorboard(tensorboard, result, format_markdown(result), figures, step=tb_step)
+    return written
+
+
+# ------------------------------------------------------------------------------------------------ tables
+def sign_convention(result: Analysis) -> list[tuple[str, str, str]]:
+    """(label, id, what it is) for each score of the analysis; every score: higher = more OOD."""
+    return [(s.label, s.id, s.meaning) for s in result.specs]
+
+
+def format_text(result: Analysis) -> str:
+    """The terminal table: one block per OOD set, one line per score, then the sign convention."""
+    width = max(len(s.label) for s in result.specs)
+    lines = [f"in-distribution (negatives): {result.in_group}  (n={result.rows[0]['n_in']})", ""]
+    header = f"{'OOD (positives)':<24} {'score':<{width}}  {'AUROC':>7} {'AUPRC':>7} {'FPR80':>7}"
+    lines += [header, "-" * len(header)]
+    for g in result.ood_groups:
+        for r in (r for r in result.rows if r["ood"] == g):
+            lines.append(f"{g:<24} {r['label']:<{width}}  {r['auroc']:7.4f} {r['auprc']:7.4f} {r['fpr80']:7.4f}")
+        lines.append("")
+    lines.append("sign convention: every score is oriented so that higher = more OOD")
+    lines += [f"  {label:<{width}}  {meaning}" for label, _, meaning in sign_convention(result)]
+    return "\n".join(lines)
+
+
+def format_markdown(result: Analysis) -> str:
+    """metrics.md: provenance, the metrics table and the sign convention table."""
+    a = result.attrs
+    lines = [f"# OOD metrics: {result.in_group} (in-distribution) vs {', '.join(result.ood_groups)}", "",
+             f"- score file: `{result.score_file}`"]
+    if result.background_file:
+        lines.append(f"- background score file: `{result.background_file}`")
+    for key in ("model_checkpoint", "iw_samples", "ks", "seed", "created"):
+        if key in a:
+            lines.append(f"- {key}: {a[key]}")
+    lines += ["- negatives (label 0): in-distribution; positives (label 1): OOD; FPR80 = FPR at TPR >= 0.8", "",
+              "| OOD | score | AUROC | AUPRC | FPR80 | n in-dist | n OOD |", "|---|---|---:|---:|---:|---:|---:|"]
+    for r in result.rows:
+        lines.append(f"| {r['ood']} | {_md(r['label'])} | {r['auroc']:.4f} | {r['auprc']:.4f} | {r['fpr80']:.4f} "
+                     f"| {r['n_in']} | {r['n_ood']} |")
+    lines += ["", "## Sign convention (every score: higher = more OOD)", "", "| score | id | value |", "|---|---|---|"]
+    lines += [f"| {_md(label)} | `{sid}` | {_md(meaning)} |" for label, sid, meaning in sign_convention(result)]
+    return "\n".join(lines) + "\n"
+
+
+def _md(text: str) -> str:
+    return text.replace("|", "\\|")
+
+
+def write_tables(result: Analysis, out: Path) -> list[Path]:
+    """metrics.md, metrics.csv and metrics.json in `out`."""
+    md, csv_path, js = out / "metrics.md", out / "metrics.csv", out / "metrics.json"
+    md.write_text(format_markdown(result))
+    fields = ["in_dist", "ood", "score", "label", *METRICS, "n_in", "n_ood"]
+    with csv_path.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(result.rows)
+    meta = {k: result.attrs[k] for k in ("model_checkpoint", "model_sha256", "iw_samples", "ks", "seed", "created",
+                                         "format_version", "package_version") if k in result.attrs}
+    doc = {"score_file": str(result.score_file), "in_dist": result.in_group, "ood": result.ood_groups,
+           "background_file": str(result.background_file) if result.background_file else None,
+           "typicality_reference": result.typicality_ref, "attrs": meta,
+           "sign_convention": {"higher_is_ood": True,
+                               "scores": [{"id": s.id, "label": s.label, "value": s.meaning} for s in result.specs]},
+           "rows": result.rows}
+    js.write_text(json.dumps(doc, indent=2) + "\n")
+    return [md, csv_path, js]

@@ -1,0 +1,1 @@
+"""Experiments, one command each: `hvae demo` (the paper's headline on offline data, cli.py)."""

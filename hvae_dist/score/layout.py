@@ -1,0 +1,87 @@
+"""The HDF5 score-file layout: names, attributes and how they are stored (shared by writer, reader, merge).
+
+One group per dataset, named "<Name>/<split>" (e.g. "FashionMNIST/test"), N rows:
+
+    index (N,) int64   elbo, elbo_1, bpd (N,) float64   lk, llr (N, K) float64   kl (N, L) float64
+    [complexity_png, complexity_zlib (N,) float64 with --complexity]    complete (N,) bool (shard files)
+
+Root attributes: `IDENTITY_ATTRS` (the settings a resumed shard and a merge must agree on) plus
+model_checkpoint, package_version, config, created, shard / num_shards in shard files and
+merged_shards in scores.h5. JSON_ATTRS are stored as JSON strings and read back parsed.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from hvae_dist.errors import ConfigError, ScoreFileError
+
+FORMAT_VERSION = 1
+IDENTITY_ATTRS = ("format_version", "model_sha256", "iw_samples", "iw_samples_lk", "ks", "seed", "dtype", "ema",
+                  "binarize", "num_layers", "datasets", "dataset_sizes", "complexity")
+SHARD_ATTRS = ("shard", "num_shards")
+VALUE_FIELDS = ("elbo", "elbo_1", "lk", "llr", "kl", "bpd")
+REQUIRED_FIELDS = ("index", *VALUE_FIELDS)
+JSON_ATTRS = ("config", "datasets", "dataset_sizes", "complexity")
+
+
+def file_sha256(path: str | Path, block: int = 1 << 22) -> str:
+    """Hex sha256 of a file's bytes (the checkpoint the scores come from)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(block):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def normalize_attr(key: str, value: Any) -> Any:
+    """An HDF5 attribute as plain Python: JSON attributes parsed, arrays as lists, numpy scalars as Python."""
+    if isinstance(value, bytes):
+        value = value.decode("utf-8")
+    if key in JSON_ATTRS and isinstance(value, str):
+        return json.loads(value)
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+def read_attrs(f) -> dict:
+    return {k: normalize_attr(k, v) for k, v in f.attrs.items()}
+
+
+def write_attrs(f, attrs: dict) -> None:
+    for key, value in attrs.items():
+        if key in JSON_ATTRS and not isinstance(value, str):
+            value = json.dumps(value, sort_keys=True)
+        elif key == "ks":
+            value = np.asarray(value, dtype=np.int64)
+        f.attrs[key] = value
+
+
+def open_h5(path: Path, mode: str):
+    """h5py.File or ScoreFileError naming the file (truncated / not HDF5 / locked)."""
+    import h5py
+
+    try:
+        return h5py.File(path, mode)
+    except (OSError, ValueError) as e:
+        raise ScoreFileError(f"{path}: cannot be opened as an HDF5 score file ({e}). It is truncated, corrupt or "
+                             f"in use by another process; if no job is writing it, delete it and re-run") from e
+
+
+def group_name(spec: str) -> str:
+    """"FashionMNIST:test" -> "FashionMNIST/test", the score file's group of a NAME:SPLIT spec.
+
+    Syntax only (any name; analysis reads files of any origin): `hvae score` canonicalizes the dataset
+    name with `data.parse_dataset_spec` first.
+    """
+    name, sep, split = spec.partition(":")
+    if not sep or not name or not split or "/" in name or ":" in split:
+        raise ConfigError(f"dataset {spec!r}: expected NAME:SPLIT, e.g. FashionMNIST:test")
+    return f"{name}/{split}"
