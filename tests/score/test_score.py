@@ -7,8 +7,8 @@ import math
 import numpy as np
 import pytest
 import torch
-from score_helpers import build, exact_config, exact_log_px, make_run_dir, score_args, small_config
 
+from helpers.score import build, exact_config, exact_log_px, make_run_dir, score_args, small_config
 from hvae_dist.cli import main as hvae
 from hvae_dist.errors import ConfigError
 from hvae_dist.score import noise

@@ -144,8 +144,7 @@ def test_free_nats_compare_the_batch_mean_kl_of_each_dim_with_the_budget():
 
 def test_elbo_loss_trains_a_real_model_output_with_free_nats():
     """The loss accepts a model's output and backpropagates to its parameters."""
-    from conftest import preset_model_config
-
+    from helpers.models import preset_model_config
     from hvae_dist.model import build_model
 
     torch.manual_seed(0)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import math
 
 import torch
-import train_helpers as th
 
+from helpers import train as th
 from hvae_dist.distributed import World
 from hvae_dist.train.engine import Trainer
 

@@ -21,7 +21,7 @@ from hvae_dist.score.reader import to_dataframe
 
 KS = [1, 2]
 L = 3
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def write_score_file(path: Path, groups: dict[str, int], seed: int = 0, shifts: dict[str, float] | None = None,

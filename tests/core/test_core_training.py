@@ -7,8 +7,8 @@ import time
 
 import pytest
 import torch
-from conftest import preset_model_config, require_dmol
 
+from helpers.models import preset_model_config
 from hvae_dist.config import load_config
 from hvae_dist.data import load_arrays, preprocess_batch
 from hvae_dist.model import build_model
@@ -37,7 +37,6 @@ def test_fashionmnist_preset_gradients_are_finite_on_real_binarized_images(model
 
 @pytest.mark.parametrize("model_type", ["vae", "lvae"])
 def test_cifar10_structure_gradients_are_finite_on_offline_cifar10_images_with_dmol(model_type):
-    require_dmol()
     torch.manual_seed(0)
     images = torch.from_numpy(load_arrays("CIFAR10", "test")[0].copy())    # 20, 3, 32, 32 uint8 (offline sample)
     assert images.shape == (20, 3, 32, 32)

@@ -9,8 +9,8 @@ import math
 
 import pytest
 import torch
-import train_helpers as th
 
+from helpers import train as th
 from hvae_dist.distributed import World
 from hvae_dist.errors import ConfigError, TrainingDivergedError
 from hvae_dist.train.engine import NAN_STEP_ENV, Trainer

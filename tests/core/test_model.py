@@ -11,8 +11,8 @@ import math
 
 import pytest
 import torch
-from conftest import preset_model_config, require_dmol, standard_noise
 
+from helpers.models import preset_model_config, standard_noise
 from hvae_dist.model import PRIOR_MODE, SAMPLE, build_model, lk_modes
 from hvae_dist.nn import Gaussian
 
@@ -28,8 +28,6 @@ BATCH = 3
 
 def _model(arch: str, model_type: str, channels: int = 8):
     preset, likelihood, shape = ARCHS[arch]
-    if likelihood == "dmol":
-        require_dmol()
     torch.manual_seed(0)
     cfg = preset_model_config(preset, model_type, channels=channels, likelihood=likelihood, input_shape=shape)
     return build_model(cfg).eval()

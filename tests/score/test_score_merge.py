@@ -7,8 +7,8 @@ import shutil
 import h5py
 import numpy as np
 import pytest
-from score_helpers import make_run_dir, score_args
 
+from helpers.score import make_run_dir, score_args
 from hvae_dist.cli import main as hvae
 from hvae_dist.errors import ScoreFileError
 from hvae_dist.score.merge import merge_shards

@@ -9,8 +9,8 @@ import time
 
 import numpy as np
 import pytest
-from score_helpers import REPO, make_run_dir, score_args
 
+from helpers.score import REPO, make_run_dir, score_args
 from hvae_dist.cli import main as hvae
 from hvae_dist.score.reader import read_scores
 

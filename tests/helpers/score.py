@@ -17,7 +17,7 @@ from hvae_dist.checkpoint import save_checkpoint
 from hvae_dist.config import config_from_dict
 from hvae_dist.model import build_model
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _block(ch: int, stride: int) -> dict:

@@ -25,7 +25,7 @@ import torch
 
 from hvae_dist.config import read_config_source
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _cluster_up() -> bool:

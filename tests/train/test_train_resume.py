@@ -7,7 +7,8 @@ import signal
 import time
 
 import pytest
-import train_helpers as th
+
+from helpers import train as th
 
 STEPS = 24
 CHECKPOINT_EVERY = 6

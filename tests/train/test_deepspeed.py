@@ -25,7 +25,7 @@ from hvae_dist.errors import ConfigError
 from hvae_dist.model import build_model
 from hvae_dist.train.backends.deepspeed import DeepSpeedBackend, _plain, deepspeed_config
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 SMALL = ["--set", "data.max_train_examples=256", "--set", "train.eval_every=0", "--set", "train.log_every=1",
          "--set", "train.batch_size=16", "--set", "train.checkpoint_every=1000"]

@@ -1,7 +1,7 @@
 """Helpers of the training-engine tests: a small CPU config, CLI / torchrun commands, checkpoint and
 TensorBoard readers, bitwise state comparison.
 
-Also a script: `torchrun --nproc_per_node 2 tests/train_helpers.py --config-json CFG --run-dir DIR
+Also a script: `torchrun --nproc_per_node 2 tests/helpers/train.py --config-json CFG --run-dir DIR
 --steps N --out OUT` trains with `hvae_dist.train.engine.Trainer` and has *every* rank save its own
 model and optimizer state to OUT/rank-R.pt, so that a test can compare the ranks with each other (a
 checkpoint only holds rank 0's copy).
@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 PYTHON = sys.executable
 TORCHRUN = str(Path(sys.executable).with_name("torchrun"))
 
@@ -225,7 +225,7 @@ def copy_run(src: Path, dst: Path) -> Path:
 
 # ----- the per-rank script (run under torchrun) -----
 def _rank_main(argv: list[str]) -> int:
-    """`train_helpers.py DUMP_DIR train ARGS...`: the real `hvae train ARGS...`, after which every rank
+    """`tests/helpers/train.py DUMP_DIR train ARGS...`: the real `hvae train ARGS...`, after which every rank
     also saves its own model / optimizer state and counters to DUMP_DIR/rank-R.pt."""
     from hvae_dist.cli import main
     from hvae_dist.distributed import detect_world
