@@ -27,3 +27,7 @@ class TrainingDivergedError(HvaeError):
 
 class SubmitError(HvaeError):
     """SLURM is not reachable or refused a job."""
+
+
+class LockedError(HvaeError):
+    """A run dir or shard file is held by another live process. The message names the holder."""
