@@ -12,6 +12,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
+from PIL import Image
 
 from hvae_dist.analysis import analyze, compute_metrics, run_analysis
 from hvae_dist.errors import ConfigError, ScoreFileError
@@ -105,6 +106,13 @@ def test_cli_writes_tables_and_plots_that_match_compute_metrics(score_file: Path
     for name in ("metrics.md", "metrics.csv", "metrics.json", "roc_B_test.png", "roc_C_test.png",
                  "hist_B_test.png", "hist_C_test.png", "hist_all.png"):
         assert (out / name).stat().st_size > 0, name
+    for name in ("roc_B_test.png", "hist_B_test.png", "hist_all.png"):
+        with Image.open(out / name) as img:
+            pixels = np.asarray(img.convert("RGB"))
+        assert img.format == "PNG" and min(pixels.shape[:2]) >= 200, (name, pixels.shape)
+        # A drawn figure, not a blank canvas: white background plus many other (line / bar) colours.
+        colours = np.unique(pixels.reshape(-1, 3), axis=0)
+        assert len(colours) > 20 and (pixels < 250).any(axis=2).mean() > 0.01, name
     doc = json.loads((out / "metrics.json").read_text())
     rows = doc["rows"]
     assert {r["ood"] for r in rows} == {"B/test", "C/test"}  # A/train is in-dist, never OOD
@@ -224,7 +232,7 @@ def test_compressed_sizes_are_positive_method_specific_and_track_complexity():
     assert png[2] < png[0] and zl[2] < zl[0]
     assert zl[0] == pytest.approx(8 * math.log(2) * len(__import__("zlib").compress(noise[0].tobytes(), 9)))
     rgb = compressed_size_nats(rng.integers(0, 256, (1, 3, 8, 8), dtype=np.uint8), "png")
-    assert rgb[0] > 0
+    assert rgb[0] >= 8 * 8 * 3 * 8 * math.log(2)     # 192 random bytes do not compress: at least 192 bytes, in nats
     with pytest.raises(ConfigError):
         compressed_size_nats(x.astype(np.float32), "png")
     with pytest.raises(ConfigError):

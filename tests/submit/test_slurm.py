@@ -24,6 +24,7 @@ import pytest
 import torch
 
 from hvae_dist.config import read_config_source
+from hvae_dist.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -205,7 +206,7 @@ def test_submit_score_passes_score_arguments_to_every_shard():
                                             "--seed", "3", "--precision", "bf16"]
     bad = _parse("score", "--run-dir", "r", "--datasets", "MNIST:test", "--out", "o", "--num-shards", "3",
                  "--score-args", "--shard 1")
-    with pytest.raises(Exception, match="--shard"):
+    with pytest.raises(ConfigError, match=r"--score-args '--shard 1': --shard is set per array task"):
         score_argv(bad, "/r", "/o")
 
 

@@ -125,7 +125,8 @@ def deepspeed_config(cfg: TrainConfig, world: World) -> dict:
                                   f"{world.world_size} rank(s), one optimizer step per batch); change train.batch_size instead")
         stage = ds.get("zero_optimization", {}).get("stage", 0)
         if stage not in ZERO_STAGES:
-            raise ConfigError(f"config key 'train.deepspeed_config': zero_optimization.stage={stage!r} is not supported; "
+            raise ConfigError(f"config key 'train.deepspeed_config': {cfg.deepspeed_config} sets zero_optimization.stage="
+                              f"{stage!r}, which is not supported; "
                               f"choose one of {', '.join(map(str, ZERO_STAGES))}")
         want = {"bf16": cfg.precision == "bf16", "fp16": cfg.precision == "fp16"}
         for key, on in want.items():
