@@ -164,6 +164,17 @@ def _select(t: Tensor, k: Tensor) -> Tensor:
     return t.gather(2, k[:, None, None].expand(b, c, 1, h, w)).squeeze(2)
 
 
+def _couple(v: Tensor, t: Tensor, channels: int) -> Tensor:
+    """Channel coupling of a sample or mean v (B, C, H, W) in [-1, 1]: later channels shift by tanh(coeff)
+    t (B, 3, H, W) times the (clamped) values of earlier channels, slots (1,0), (2,0), (2,1)."""
+    xs = [v[:, 0].clamp(-1, 1)]
+    if channels >= 2:
+        xs.append((v[:, 1] + t[:, 0] * xs[0]).clamp(-1, 1))
+    if channels >= 3:
+        xs.append((v[:, 2] + t[:, 1] * xs[0] + t[:, 2] * xs[1]).clamp(-1, 1))
+    return torch.stack(xs, dim=1)
+
+
 @torch.no_grad()
 def dmol_sample(params: Tensor, channels: int, bits: int = 8,
                 generator: torch.Generator | None = None) -> Tensor:
@@ -180,12 +191,7 @@ def dmol_sample(params: Tensor, channels: int, bits: int = 8,
     t = torch.tanh(_select(coeffs, k))
     u = torch.rand(mu.shape, generator=generator, device=dev).clamp_(1e-5, 1 - 1e-5)
     z = mu + scale * (torch.log(u) - torch.log1p(-u))                # B, C, H, W
-    xs = [z[:, 0].clamp(-1, 1)]
-    if channels >= 2:
-        xs.append((z[:, 1] + t[:, 0] * xs[0]).clamp(-1, 1))
-    if channels >= 3:
-        xs.append((z[:, 2] + t[:, 1] * xs[0] + t[:, 2] * xs[1]).clamp(-1, 1))
-    return _quantize(torch.stack(xs, dim=1), bits)
+    return _quantize(_couple(z, t, channels), bits)
 
 
 @torch.no_grad()
@@ -197,9 +203,4 @@ def dmol_mean(params: Tensor, channels: int, bits: int = 8) -> Tensor:
     k = torch.argmax(logits, dim=1)                                  # B, H, W
     mu = _select(means, k)                                           # B, C, H, W
     t = torch.tanh(_select(coeffs, k))
-    xs = [mu[:, 0].clamp(-1, 1)]
-    if channels >= 2:
-        xs.append((mu[:, 1] + t[:, 0] * xs[0]).clamp(-1, 1))
-    if channels >= 3:
-        xs.append((mu[:, 2] + t[:, 1] * xs[0] + t[:, 2] * xs[1]).clamp(-1, 1))
-    return _quantize(torch.stack(xs, dim=1), bits)
+    return _quantize(_couple(mu, t, channels), bits)

@@ -15,16 +15,26 @@ using namespace hvae_dmol;
 
 constexpr int kThreads = 256;
 
+// Grid-stride loop over the B * HW pixels: consecutive threads take consecutive pixels (coalesced reads).
+__device__ __forceinline__ int64_t first_pixel() {
+  return blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+}
+__device__ __forceinline__ int64_t pixel_stride() { return static_cast<int64_t>(gridDim.x) * blockDim.x; }
+
+// The C channel values of pixel p of example b, rescaled from [0, 1] to the [-1, 1] of the math.
+template <int C, typename T>
+__device__ __forceinline__ void load_pixel(const T* __restrict__ x, int64_t b, int64_t p, int64_t HW, T* xv) {
+#pragma unroll
+  for (int c = 0; c < C; ++c) xv[c] = x[(b * C + c) * HW + p] * T(2) - T(1);
+}
+
 template <int C, typename P, typename T>
 __global__ void forward_kernel(const T* __restrict__ x, const P* __restrict__ params, T* __restrict__ out,
                                int64_t B, int64_t K, int64_t HW, Layout L, Bins<T> bins) {
-  const int64_t total = B * HW;
-  for (int64_t t = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; t < total;
-       t += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+  for (int64_t t = first_pixel(); t < B * HW; t += pixel_stride()) {
     const int64_t b = t / HW, p = t - b * HW;
     T xv[C];
-#pragma unroll
-    for (int c = 0; c < C; ++c) xv[c] = x[(b * C + c) * HW + p] * T(2) - T(1);
+    load_pixel<C>(x, b, p, HW, xv);
     out[t] = pixel_log_prob<C, T, P>(params + b * K * HW + p, HW, L, xv, bins);
   }
 }
@@ -33,13 +43,10 @@ template <int C, typename P, typename T>
 __global__ void backward_kernel(const T* __restrict__ x, const P* __restrict__ params, const T* __restrict__ lp,
                                 const T* __restrict__ gout_b, P* __restrict__ grad, int64_t B, int64_t K,
                                 int64_t HW, Layout L, Bins<T> bins) {
-  const int64_t total = B * HW;
-  for (int64_t t = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; t < total;
-       t += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+  for (int64_t t = first_pixel(); t < B * HW; t += pixel_stride()) {
     const int64_t b = t / HW, p = t - b * HW;
     T xv[C];
-#pragma unroll
-    for (int c = 0; c < C; ++c) xv[c] = x[(b * C + c) * HW + p] * T(2) - T(1);
+    load_pixel<C>(x, b, p, HW, xv);
     pixel_grad<C, T, P, P>(params + b * K * HW + p, HW, L, xv, bins, lp[t], gout_b[b], grad + b * K * HW + p);
   }
 }
