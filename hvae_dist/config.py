@@ -20,7 +20,7 @@ from hvae_dist.errors import ConfigError
 
 PRESET_DIR = Path(__file__).parent / "presets"
 LIKELIHOODS = ("bernoulli", "dmol", "discretized_logistic", "gaussian")
-MODEL_TYPES = ("vae", "lvae")
+MODEL_TYPES = ("vae", "lvae", "biva")
 DETERMINISTIC_BLOCKS = ("ResBlockConv2d",)
 STOCHASTIC_BLOCKS = ("GaussianConv2d", "GaussianDense")
 BINARIZE_MODES = ("none", "dynamic", "static", "dequantize")
@@ -39,7 +39,8 @@ _STO_KEYS = {"block": str, "latent_features": int, "weightnorm": bool}
 @dataclass
 class ModelConfig:
     type: str = "vae"
-    """Stage type: `vae` (bottom-up inference) or `lvae` (ladder: top-down inference)."""
+    """Model type: `vae` (bottom-up inference), `lvae` (ladder: top-down inference) or `biva` (bidirectional
+    inference: a bottom-up and a top-down latent per intermediate stage, see hvae_dist.model.biva)."""
     likelihood: str = "bernoulli"
     """Observation model p(x|z): bernoulli (binarized data), dmol, discretized_logistic, gaussian."""
     num_mixtures: int = 10

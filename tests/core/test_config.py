@@ -98,7 +98,7 @@ def test_int_is_accepted_for_a_float_field():
     ("train", "backend", "horovod"),
     ("train", "precision", "fp8"),
     ("model", "likelihood", "poisson"),
-    ("model", "type", "biva"),
+    ("model", "type", "nvae"),
     ("model", "activation", "gelu"),
     ("data", "binarize", "sometimes"),
     ("data", "perturb_rate", 1.5),

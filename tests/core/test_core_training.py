@@ -21,7 +21,7 @@ def _assert_finite_gradients(model: torch.nn.Module) -> None:
     assert sum(float(p.grad.abs().sum()) for p in model.parameters()) > 0
 
 
-@pytest.mark.parametrize("model_type", ["vae", "lvae"])
+@pytest.mark.parametrize("model_type", ["vae", "lvae", "biva"])
 def test_fashionmnist_preset_gradients_are_finite_on_real_binarized_images(model_type):
     torch.manual_seed(0)
     cfg = load_config("fashionmnist", [f"model.type={model_type}"])
@@ -35,7 +35,7 @@ def test_fashionmnist_preset_gradients_are_finite_on_real_binarized_images(model
     _assert_finite_gradients(model)
 
 
-@pytest.mark.parametrize("model_type", ["vae", "lvae"])
+@pytest.mark.parametrize("model_type", ["vae", "lvae", "biva"])
 def test_cifar10_structure_gradients_are_finite_on_offline_cifar10_images_with_dmol(model_type):
     torch.manual_seed(0)
     images = torch.from_numpy(load_arrays("CIFAR10", "test")[0].copy())    # 20, 3, 32, 32 uint8 (offline sample)

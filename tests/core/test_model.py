@@ -22,7 +22,7 @@ ARCHS = {
     "cifar10-gaussian": ("cifar10", "gaussian", (3, 32, 32)),
     "cifar10-dmol": ("cifar10", "dmol", (3, 32, 32)),
 }
-CASES = [pytest.param(a, t, id=f"{a}-{t}") for a in ARCHS for t in ("vae", "lvae")]
+CASES = [pytest.param(a, t, id=f"{a}-{t}") for a in ARCHS for t in ("vae", "lvae", "biva")]
 BATCH = 3
 
 
@@ -171,7 +171,7 @@ def test_sample_prior_and_reconstruct_give_images_in_unit_interval(arch, model_t
     assert drawn.shape == (2, *shape) and drawn.min() >= 0 and drawn.max() <= 1
 
 
-@pytest.mark.parametrize("model_type", ["vae", "lvae"])
+@pytest.mark.parametrize("model_type", ["vae", "lvae", "biva"])
 def test_every_parameter_gets_a_gradient_from_the_elbo(model_type):
     """DDP (without find_unused_parameters) fails when a parameter gets no gradient."""
     model, x = _model("fashionmnist-bernoulli", model_type), _data("fashionmnist-bernoulli")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 
 from helpers import train as th
@@ -13,10 +14,11 @@ from hvae_dist.train.engine import Trainer
 STEPS = 6
 
 
-def test_ddp_ranks_end_with_identical_weights_that_match_a_single_process_run(tmp_path):
+@pytest.mark.parametrize("model_type", ["vae", pytest.param("biva", marks=pytest.mark.slow)])
+def test_ddp_ranks_end_with_identical_weights_that_match_a_single_process_run(tmp_path, model_type):
     # train.free_nats=0: the free-nats clamp acts on each rank's local-batch mean KL, so with a budget a
     # 2-rank step is not the 1-rank step of the same global batch (with free_nats 0 it is, up to rounding).
-    settings = {"train__free_nats": 0.0, "train__checkpoint_every": 1000}
+    settings = {"train__free_nats": 0.0, "train__checkpoint_every": 1000, "model__type": model_type}
     dumps = tmp_path / "dumps"
     th.run(th.dump_command(dumps, th.train_args(tmp_path / "ddp", STEPS, "ddp", **settings), nproc=2))
     rank0, rank1 = th.rank_dumps(dumps, 2)

@@ -15,8 +15,8 @@ CHECKPOINT_EVERY = 6
 COMPARED_TAGS = ("train/loss", "train/elbo", "train/kl/layer1", "train/grad_norm", "train/skipped_total")
 
 
-def _kill_after_checkpoint_and_resume(tmp_path, nproc: int, backend: str) -> None:
-    args = lambda d: th.train_args(d, STEPS, backend, train__checkpoint_every=CHECKPOINT_EVERY)  # noqa: E731
+def _kill_after_checkpoint_and_resume(tmp_path, nproc: int, backend: str, **settings) -> None:
+    args = lambda d: th.train_args(d, STEPS, backend, train__checkpoint_every=CHECKPOINT_EVERY, **settings)  # noqa: E731
     ref, killed = tmp_path / "uninterrupted", tmp_path / "killed"
     th.run(th.command(args(ref), nproc))
 
@@ -46,6 +46,11 @@ def _kill_after_checkpoint_and_resume(tmp_path, nproc: int, backend: str) -> Non
 
 def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path):
     _kill_after_checkpoint_and_resume(tmp_path, nproc=1, backend="single")
+
+
+@pytest.mark.slow
+def test_biva_resume_after_sigkill_matches_uninterrupted_run(tmp_path):
+    _kill_after_checkpoint_and_resume(tmp_path, nproc=1, backend="single", model__type="biva")
 
 
 @pytest.mark.slow

@@ -23,41 +23,16 @@ it equals the ELBO forward for the same noise. The model is pure: no device, pre
 """
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
 
 from hvae_dist.config import ModelConfig
 from hvae_dist.errors import ConfigError
-from hvae_dist.nn import Gaussian, ResBlockConv2d, build_likelihood, build_stochastic
-
-SAMPLE, PRIOR_MODE = "sample", "prior_mode"
-
-
-def lk_modes(k: int, num_layers: int) -> list[str]:
-    """Decode modes of the L>k bound: layers 1..k from the conditional-prior mode, the rest sampled."""
-    if not 0 <= k <= num_layers:
-        raise ValueError(f"k={k} must be in 0..{num_layers} (the model has {num_layers} latent layers)")
-    return [PRIOR_MODE] * k + [SAMPLE] * (num_layers - k)
-
-
-@dataclass
-class ModelOutput:
-    """Result of one forward pass over a batch of B rows (examples x samples). All float32, nats."""
-
-    log_px: Tensor                 # (B,) log p(x | z)
-    kl: Tensor                     # (B, L) log q(z_i|.) - log p(z_i|.), single sample; 0 for prior-mode layers
-    kl_dims: list[Tensor]          # per layer (B, D_i) elementwise KL terms, for free nats
-    posterior_means: list[Tensor]  # per layer (B, D_i), for active-unit statistics
-    params: Tensor                 # (B, P, H, W) likelihood parameters
-
-    @property
-    def elbo(self) -> Tensor:
-        """(B,) single-sample bound log p(x|z) - sum_i KL_i, nats (an L>k bound under L>k modes)."""
-        return self.log_px - self.kl.sum(1)
+from hvae_dist.model.common import PRIOR_MODE, SAMPLE, ModelOutput, build_stage, check_modes, model_input
+from hvae_dist.nn import Gaussian, build_likelihood, build_stochastic
 
 
 @dataclass
@@ -82,10 +57,6 @@ class Precomputed:
                            q=[Gaussian(rep(g.loc), rep(g.scale)) for g in self.q], h=rep(self.h))
 
 
-def _out_size(size: int, stride: int) -> int:
-    return math.ceil(size / stride)
-
-
 class HierarchicalVAE(nn.Module):
     """VAE or LVAE stack built from a ModelConfig (seed config format); see the module docstring."""
 
@@ -96,27 +67,14 @@ class HierarchicalVAE(nn.Module):
         self.cfg = cfg
         self.input_shape = tuple(cfg.input_shape)
         self.type = cfg.type
-        c, h, w = self.input_shape
+        c = self.input_shape[0]
         self.encoders, self.decoders, self.latents = nn.ModuleList(), nn.ModuleList(), nn.ModuleList()
-        shape = (c, h, w)
         num_layers = len(cfg.config_stochastic)
-        for i, (blocks, sto) in enumerate(zip(cfg.config_deterministic, cfg.config_stochastic)):
-            enc, dec, shapes = [], [], [shape]
-            for b in blocks:
-                out = (b["out_channels"], _out_size(shape[1], b["stride"]), _out_size(shape[2], b["stride"]))
-                enc.append(ResBlockConv2d(shape[0], out[0], b.get("kernel_size", 3), b.get("stride", 1),
-                                          b.get("weightnorm", True), b.get("gated", False), cfg.activation))
-                shape = out
-                shapes.append(shape)
-            # The decoder mirrors the encoder; stage 1 decodes to hidden channels, the likelihood head to pixels.
-            for j in reversed(range(len(blocks))):
-                b, src, dst = blocks[j], shapes[j + 1], shapes[j]
-                dst_ch = blocks[0]["out_channels"] if (i == 0 and j == 0) else dst[0]
-                dec.append(ResBlockConv2d(src[0], dst_ch, b.get("kernel_size", 3), b.get("stride", 1),
-                                          b.get("weightnorm", True), b.get("gated", False), cfg.activation,
-                                          upsample_to=dst[1:]))
-            self.encoders.append(nn.Sequential(*enc))
-            self.decoders.append(nn.Sequential(*dec))
+        shape = self.input_shape
+        for i, sto in enumerate(cfg.config_stochastic):
+            enc, dec, shape = build_stage(cfg, i, shape)
+            self.encoders.append(enc)
+            self.decoders.append(dec)
             post_in = 2 * shape[0] if (cfg.type == "lvae" and i < num_layers - 1) else None
             lat = build_stochastic(sto, shape, cfg.min_scale, post_in)
             # Drop the heads the forward pass never calls, so every parameter gets a gradient (DDP without
@@ -139,26 +97,16 @@ class HierarchicalVAE(nn.Module):
         """Event shape of each latent layer, bottom first."""
         return [lat.event_shape for lat in self.latents]
 
-    def _check_modes(self, modes: Sequence[str] | None) -> list[str]:
-        modes = list(modes) if modes is not None else [SAMPLE] * self.num_layers
-        if len(modes) != self.num_layers or any(m not in (SAMPLE, PRIOR_MODE) for m in modes):
-            raise ValueError(f"modes must be {self.num_layers} of {SAMPLE!r}/{PRIOR_MODE!r}, got {modes}")
-        return modes
-
-    @staticmethod
-    def _model_input(x: Tensor) -> Tensor:
-        return x * 2.0 - 1.0
-
     def precompute(self, x: Tensor, modes: Sequence[str] | None = None) -> Precomputed:
         """The part of the forward pass that does not depend on the noise. x: (B, C, H, W) in [0, 1]."""
-        modes = self._check_modes(modes)
+        modes = check_modes(modes, self.num_layers)
         if self.type == "lvae":
-            d, ds = self._model_input(x), []
+            d, ds = model_input(x), []
             for enc in self.encoders:
                 d = enc(d)
                 ds.append(d)
             return Precomputed(x=x, d=ds)
-        pre = Precomputed(x=x, h=self._model_input(x))
+        pre = Precomputed(x=x, h=model_input(x))
         for i, mode in enumerate(modes):
             d = self.encoders[i](pre.h)
             if mode == SAMPLE:
@@ -177,7 +125,7 @@ class HierarchicalVAE(nn.Module):
         noise: optional standard-normal tensors, one per layer, (B, *event_shape_i) (entries of prior-mode
         layers are ignored); default fresh torch.randn. Explicit noise makes a pass reproducible.
         """
-        modes = self._check_modes(modes)
+        modes = check_modes(modes, self.num_layers)
         pre = precomputed if precomputed is not None else self.precompute(x, modes)
         batch = pre.x.shape[0]
         eps = list(noise) if noise is not None else [None] * self.num_layers
@@ -251,13 +199,3 @@ class HierarchicalVAE(nn.Module):
     def reconstruct(self, x: Tensor) -> Tensor:
         """Likelihood mean of p(x | z ~ q(z|x)): (B, C, H, W) in [0, 1]."""
         return self.likelihood.mean(self.forward(x).params)
-
-
-def build_model(cfg: ModelConfig, input_shape: Sequence[int] | None = None) -> HierarchicalVAE:
-    """Build from the config; `input_shape` (C, H, W) fills `cfg.input_shape` when given."""
-    if input_shape is not None:
-        cfg = replace(cfg, input_shape=[int(s) for s in input_shape])
-    return HierarchicalVAE(cfg)
-
-
-__all__ = ["PRIOR_MODE", "SAMPLE", "HierarchicalVAE", "ModelOutput", "Precomputed", "build_model", "lk_modes"]
