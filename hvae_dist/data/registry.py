@@ -15,13 +15,16 @@ Splits (deterministic; no RNG anywhere):
 
 Sources, in order: (1) torchvision's files under ``root`` when they are there; (2) the offline copies of
 ``sources.py``; (3) a torchvision download into ``root`` when ``download=True``; (4) DatasetUnavailableError
-saying how to get the set.
+saying how to get the set. A ``root`` that does not exist or is empty (without ``download``) is an error
+naming it and the files expected there, never silently skipped. Messages name the options of the command
+that loads the data (`RootHint`: ``--set data.root=DIR`` for train, ``--data-root DIR`` for score).
 """
 
 from __future__ import annotations
 
 import functools
 import os
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -87,7 +90,23 @@ def single_block_split_indices(labels: np.ndarray, split: str) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------------------------- loading
-def _how_to_get(name: str, split: str, root: str | None, download: bool) -> str:
+@dataclass(frozen=True)
+class RootHint:
+    """How the command that loads the data lets a user give the dataset root: named in its error messages."""
+
+    name: str = "data.root"
+    """What the root is called (e.g. "--data-root")."""
+    set_root: str = "--set data.root=DIR"
+    """How to give a root."""
+    download: str | None = "data.download=true"
+    """What to add to `set_root` to download into it; None when the command never downloads."""
+
+
+SET_ROOT = RootHint()
+"""The options of `hvae train` (and any config-driven caller): --set data.root=DIR data.download=true."""
+
+
+def _how_to_get(name: str, split: str, root: str | None, download: bool, hint: RootHint = SET_ROOT) -> str:
     tv = name in sources.TORCHVISION_NAMES
     lines = [f"dataset {name}:{split} is not available on this machine."]
     if name == "FashionMNIST":
@@ -107,9 +126,13 @@ def _how_to_get(name: str, split: str, root: str | None, download: bool) -> str:
         lines.append("  - it comes with scikit-learn: .venv/bin/pip install scikit-learn.")
     if tv:
         have = f" (looked in {root!r}: torchvision's files are not there)" if root else ""
-        lines.append(f"  - download it with torchvision (needs internet): pass --set data.root=DIR data.download=true "
-                     f"(or root=DIR, download=True){have};")
-        lines.append(f"  - or copy torchvision's {name} files into DIR and pass --set data.root=DIR.")
+        if hint.download:
+            lines.append(f"  - download it with torchvision (needs internet): pass {hint.set_root} {hint.download} "
+                         f"(or root=DIR, download=True){have};")
+        else:
+            lines.append(f"  - download it once with torchvision (needs internet), in Python: "
+                         f"torchvision.datasets.{name}(DIR, download=True), then pass {hint.set_root}{have};")
+        lines.append(f"  - or copy torchvision's {name} files into DIR and pass {hint.set_root}.")
         if download and not root:
             lines.append("  note: download=True does nothing without a root directory to download into.")
     return "\n".join(lines)
@@ -119,13 +142,23 @@ def _normalize_root(root: str | os.PathLike | None) -> str | None:
     return os.path.abspath(os.path.expanduser(os.fspath(root))) if root else None
 
 
-def _official_block(name: str, official_split: str, root: str | None, download: bool):
-    """(images, labels) of an official train/test block, or None when no source has it (not cached, so files
-    that appear later in the process are found)."""
-    try:
-        return _official_block_cached(name, official_split, root, download)
-    except _Missing:
-        return None
+def _check_root(name: str, split: str, root: str | None, download: bool, hint: RootHint) -> None:
+    """A root that is missing or empty is a mistake (a typo, an unmounted disk), not a reason to fall back to
+    the offline copies; with download=True torchvision creates and fills it."""
+    if root is None or download or name not in sources.TORCHVISION_NAMES:
+        return
+    official = "test" if split == "test" else "train"
+    expected = ", ".join(os.path.join(root, f) for f in sources.torchvision_files(name, official))
+    if not os.path.isdir(root):
+        problem = "does not exist" if not os.path.exists(root) else "is not a folder"
+    else:
+        with os.scandir(root) as entries:
+            if any(True for _ in entries):
+                return
+        problem = "is an empty folder"
+    raise DatasetUnavailableError(
+        f"{hint.name} {root!r} {problem}; {name}:{split} expected torchvision's files there ({expected}). "
+        f"Pass {hint.set_root} with the folder that holds them, or leave the root out to use the offline copies")
 
 
 class _Missing(Exception):
@@ -166,17 +199,15 @@ def _single_block(name: str):
 
 @functools.lru_cache(maxsize=32)
 def _load_cached(name: str, split: str, root: str | None, download: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Not cached when no source has the set (_Missing), so that files that appear later are found."""
     if name in ("AnimalMNIST", "Digits"):
         block = _single_block(name)
         if block is None:
-            raise DatasetUnavailableError(_how_to_get(name, split, root, download))
+            raise _Missing
         rows = single_block_split_indices(block[1], split)
         images, labels = block[0][rows], block[1][rows]
     else:
-        block = _official_block(name, "test" if split == "test" else "train", root, download)
-        if block is None:
-            raise DatasetUnavailableError(_how_to_get(name, split, root, download))
-        images, labels = block
+        images, labels = _official_block_cached(name, "test" if split == "test" else "train", root, download)
         if split != "test":
             cut = _cut_official_train(len(images), split)
             images, labels = images[cut], labels[cut]
@@ -187,15 +218,21 @@ def _load_cached(name: str, split: str, root: str | None, download: bool) -> tup
     return images, labels
 
 
-def load_arrays(name: str, split: str, root: str | None = None, download: bool = False
-                ) -> tuple[np.ndarray, np.ndarray]:
+def load_arrays(name: str, split: str, root: str | None = None, download: bool = False,
+                hint: RootHint = SET_ROOT) -> tuple[np.ndarray, np.ndarray]:
     """Images uint8 (N, C, H, W) in 0..255 and labels int64 (N,) (-1 where the source has none).
 
     Cached in-process (lru); the returned arrays are read-only views of the cache (copy before editing).
     See the module docstring for the split definitions and the order in which sources are tried.
-    Unknown name/split -> ConfigError; no source -> DatasetUnavailableError saying how to get it.
+    Unknown name/split -> ConfigError; a missing or empty `root` (without download) or no source ->
+    DatasetUnavailableError saying how to get the set, with the options of `hint` (the calling command's).
     """
-    return _load_cached(canonical_name(name), _check_split(split), _normalize_root(root), bool(download))
+    name, split, root = canonical_name(name), _check_split(split), _normalize_root(root)
+    _check_root(name, split, root, bool(download), hint)
+    try:
+        return _load_cached(name, split, root, bool(download))
+    except _Missing:
+        raise DatasetUnavailableError(_how_to_get(name, split, root, bool(download), hint)) from None
 
 
 class ArrayDataset(torch.utils.data.Dataset):
@@ -238,10 +275,10 @@ class ArrayDataset(torch.utils.data.Dataset):
 
 
 def get_dataset(name: str, split: str, root: str | None = None, download: bool = False,
-                max_examples: int | None = None) -> ArrayDataset:
+                max_examples: int | None = None, hint: RootHint = SET_ROOT) -> ArrayDataset:
     """The dataset `name`:`split` (see load_arrays), cut to its first `max_examples` rows when given."""
     canon, split = canonical_name(name), _check_split(split)
-    images, labels = load_arrays(canon, split, root, download)
+    images, labels = load_arrays(canon, split, root, download, hint)
     if max_examples is not None:
         if int(max_examples) < 1:
             raise ConfigError(f"max_examples must be a positive integer or None, got {max_examples!r}")

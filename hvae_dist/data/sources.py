@@ -180,6 +180,20 @@ def read_digits() -> tuple[np.ndarray, np.ndarray]:
     return images, bunch.target.astype(np.int64)
 
 
+def torchvision_files(name: str, official_split: str) -> list[str]:
+    """The files (relative to a root) that torchvision's `name` reads for the 'train' or 'test' block."""
+    train = official_split == "train"
+    if name == "SVHN":
+        return ["train_32x32.mat" if train else "test_32x32.mat"]
+    if name == "CIFAR10":
+        files = [f"data_batch_{i}" for i in range(1, 6)] if train else ["test_batch"]
+        return [f"cifar-10-batches-py/{f}" for f in files]
+    if name == "CIFAR100":
+        return ["cifar-100-python/train" if train else "cifar-100-python/test"]
+    prefix = "train" if train else "t10k"   # MNIST, FashionMNIST, KMNIST: the unpacked IDX files
+    return [f"{name}/raw/{prefix}-images-idx3-ubyte", f"{name}/raw/{prefix}-labels-idx1-ubyte"]
+
+
 def read_torchvision(name: str, official_split: str, root: str, download: bool) -> tuple[np.ndarray, np.ndarray]:
     """torchvision's copy of `name` ('train' or 'test' block) under `root`, downloading it when asked.
 

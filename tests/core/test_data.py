@@ -9,6 +9,7 @@ import torch
 from hvae_dist.data import (
     DATASET_NAMES,
     ArrayDataset,
+    RootHint,
     get_dataset,
     load_arrays,
     parse_dataset_spec,
@@ -142,8 +143,33 @@ def test_sets_without_offline_copy_raise_with_instructions(name, split, tmp_path
         load_arrays(name, split)
     msg = str(e.value)
     assert f"{name}:{split}" in msg and "data.root=DIR" in msg and "data.download=true" in msg
+    (tmp_path / "unrelated.txt").write_text("x")
     with pytest.raises(DatasetUnavailableError, match="looked in"):
-        load_arrays(name, split, root=str(tmp_path))  # an empty root is not enough
+        load_arrays(name, split, root=str(tmp_path))  # a root without the set's files is not enough
+
+
+@pytest.mark.parametrize("name", ["FashionMNIST", "SVHN"])
+def test_a_missing_or_empty_root_is_an_error_naming_it_and_the_expected_files(name, tmp_path):
+    """Not a silent fall-back to the offline copy (FashionMNIST has one): a typo or an unmounted disk."""
+    expected = {"FashionMNIST": "FashionMNIST/raw/t10k-images-idx3-ubyte", "SVHN": "test_32x32.mat"}[name]
+    for root, problem in ((tmp_path / "typo", "does not exist"), (tmp_path / "empty", "is an empty folder")):
+        if problem.startswith("is an"):
+            root.mkdir()
+        with pytest.raises(DatasetUnavailableError) as e:
+            load_arrays(name, "test", root=str(root))
+        msg = str(e.value)
+        assert f"data.root '{root}' {problem}" in msg and str(root / expected) in msg and "--set data.root=DIR" in msg
+    assert load_arrays("Digits", "test", root=str(tmp_path / "typo"))[0].shape[1:] == (1, 8, 8)  # no root used
+    assert load_arrays("FashionMNIST", "test", root=str(tmp_path / "dl"), download=True)[0].shape[0] == 10000
+
+
+def test_errors_name_the_root_option_of_the_calling_command(tmp_path):
+    hint = RootHint("--data-root", "--data-root DIR", None)
+    with pytest.raises(DatasetUnavailableError) as e:
+        load_arrays("KMNIST", "test", hint=hint)
+    assert "--data-root DIR" in str(e.value) and "--set" not in str(e.value) and "download=True" in str(e.value)
+    with pytest.raises(DatasetUnavailableError, match=f"--data-root '{tmp_path / 'x'}' does not exist"):
+        get_dataset("KMNIST", "test", root=str(tmp_path / "x"), hint=hint)
 
 
 def test_unavailable_error_is_a_file_not_found_error():
