@@ -3,12 +3,18 @@
 Each subcommand lives in a package's `cli.py`, which exposes a function that adds its arguments to a
 parser and one that runs it (`run(args) -> int`). Modules are imported only for the subcommand that
 runs, so `hvae analyze` never imports DeepSpeed.
+
+Errors a user can fix end as one line `hvae CMD: error: ...` and exit code 2: every HvaeError, and every
+OSError that names a file (a full disk, a missing permission), with the free space of that file system.
 """
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
+import shutil
 import sys
+from pathlib import Path
 
 # subcommand -> (module, its add-arguments function, its run function, one-line help)
 COMMANDS: dict[str, tuple[str, str, str, str]] = {
@@ -27,16 +33,89 @@ COMMANDS: dict[str, tuple[str, str, str, str]] = {
 }
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Keeps the line breaks of descriptions and epilogs (the examples) and shows every option's default.
+
+    "(default: X)" is added unless the help already says what the default is, the option takes no value
+    (a flag), or the default says nothing (None, []: the help describes it, e.g. "default: from SLURM").
+    """
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if ("default" in text.lower() or not action.option_strings or action.nargs == 0
+                or default is None or default is argparse.SUPPRESS or (isinstance(default, list) and not default)):
+            return text
+        shown = " ".join(map(str, default)) if isinstance(default, (list, tuple)) else "%(default)s"
+        return f"{text} (default: {shown})"
+
+
+def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    for action in parser._actions:   # argparse keeps sub-commands only here
+        if isinstance(action, argparse._SubParsersAction):
+            return dict(action.choices)
+    return {}
+
+
+def _use_formatter(parser: argparse.ArgumentParser) -> None:
+    """HelpFormatter for `parser` and every parser below it (nested sub-commands such as `submit score`)."""
+    parser.formatter_class = HelpFormatter
+    for child in _subparsers(parser).values():
+        _use_formatter(child)
+
+
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The top-level parser; only `command`'s module is imported (all of them when None)."""
-    parser = argparse.ArgumentParser(prog="hvae", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="hvae", description=__doc__.splitlines()[0],
+                                     epilog="run `hvae COMMAND --help` for a command's options and examples")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     for name, (module_name, add_fn, _, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
         if command is None or command == name:
             getattr(importlib.import_module(module_name), add_fn)(p)
+    _use_formatter(parser)
     return parser
+
+
+def _innermost(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.ArgumentParser:
+    """The parser of the sub-command (and sub-sub-command, e.g. `submit score`) that `args` ran."""
+    for dest in ("command", "what"):
+        children = _subparsers(parser)
+        name = getattr(args, dest, None)
+        if not children or name not in children:
+            break
+        parser = children[name]
+    return parser
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def free_space(path: str | Path) -> str:
+    """'X free of Y' on the file system that holds `path` (its nearest existing folder)."""
+    p = Path(path).absolute()
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    try:
+        usage = shutil.disk_usage(p)
+    except OSError:
+        return "free space unknown"
+    return f"{_size(usage.free)} free of {_size(usage.total)}"
+
+
+def describe_os_error(e: OSError) -> str:
+    """One line for an OSError that names a file: the file, what went wrong, the free space there."""
+    reason = e.strerror or str(e)
+    where = f"{e.filename}: {reason} ({free_space(e.filename)} on its file system)"
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return f"{where}; free some space or write somewhere else, then re-run"
+    return where
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -44,7 +123,10 @@ def main(argv: list[str] | None = None) -> int:
     command = argv[0] if argv and argv[0] in COMMANDS else None
     if command is None and argv and not argv[0].startswith("-"):
         build_parser("__none__").parse_args(argv)  # prints "invalid choice" and exits 2
-    args = build_parser(command or "__none__").parse_args(argv)
+    parser = build_parser(command or "__none__")
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:   # the sub-command's usage, not the top level's
+        _innermost(parser, args).error(f"unrecognized arguments: {' '.join(unknown)}")
     module_name, _, run_fn, _ = COMMANDS[args.command]
     run = getattr(importlib.import_module(module_name), run_fn)
     from hvae_dist.errors import HvaeError
@@ -53,4 +135,9 @@ def main(argv: list[str] | None = None) -> int:
     except HvaeError as e:
         # Bad input is the user's to fix: one line naming what is wrong, no traceback.
         print(f"hvae {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        if e.filename is None:   # not about a file the user named: a bug, keep the traceback
+            raise
+        print(f"hvae {args.command}: error: {describe_os_error(e)}", file=sys.stderr)
         return 2

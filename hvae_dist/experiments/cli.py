@@ -14,17 +14,24 @@ from pathlib import Path
 from hvae_dist.cli import main as hvae
 from hvae_dist.config import SCORE_PRECISIONS
 
+EXAMPLES = """examples:
+  hvae demo                                   # about 10 min of training + scoring on a CPU -> runs/demo/
+  hvae demo --minutes 2 --iw-samples 8 --max-examples 200 --out runs/quick
+Re-running with the same --out resumes the run and rescores; the report is runs/demo/report/metrics.md."""
+
 
 def add_demo_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--out", default="runs/demo", help="folder for the run, scores and report (default runs/demo)")
-    p.add_argument("--minutes", type=float, default=10.0, help="training wall time budget (default 10)")
+    p.epilog = EXAMPLES
+    p.add_argument("--out", default="runs/demo", help="folder for the run, scores and report")
+    p.add_argument("--minutes", type=float, default=10.0, help="training wall time budget")
     # The one precision trains and scores: only those both commands take.
-    p.add_argument("--precision", choices=SCORE_PRECISIONS, default="fp32", help="fp32 (default) or bf16")
-    p.add_argument("--iw-samples", type=int, default=16, help="importance samples per bound (default 16)")
-    p.add_argument("--max-examples", type=int, default=500, help="examples scored per dataset (default 500)")
-    p.add_argument("--datasets", nargs="+", default=["FashionMNIST:test", "MNIST:test", "AnimalMNIST:test"])
+    p.add_argument("--precision", choices=SCORE_PRECISIONS, default="fp32", help="network precision")
+    p.add_argument("--iw-samples", type=int, default=16, help="importance samples per bound")
+    p.add_argument("--max-examples", type=int, default=500, help="examples scored per dataset")
+    p.add_argument("--datasets", nargs="+", default=["FashionMNIST:test", "MNIST:test", "AnimalMNIST:test"],
+                   help="datasets to score, in-distribution first")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="extra training config overrides")
+                   help="extra training config overrides, e.g. --set train.lr=1e-3 (repeatable; default: none)")
 
 
 def _run(argv: list[str]) -> None:

@@ -4,8 +4,9 @@
     noise.py       counter-based (splitmix64) noise: a function of (seed, dataset, index, bound, sample)
     scorer.py      IWScorer: precompute once per example, stream samples in chunks, online log-sum-exp
     complexity.py  compressed sizes (PNG / zlib, nats) for the complexity-corrected score
-    layout.py      the HDF5 score-file layout: fields, attributes, group names
-    writer.py      the resumable, crash-safe shard writer
+    layout.py      the HDF5 score-file layout: fields, attributes, group names, checksummed chunks
+    atomic.py      atomic file writes (temp, fsync, rename) for every file score / merge / analyze write
+    writer.py      the resumable, crash-safe shard writer and the shard lock
     reader.py      read_scores(path) -> ScoreFile(groups, attrs): the one reader, validated
     runner.py      one `hvae score` job (model + data + plan + writer + progress)
     merge.py       `hvae merge`: validate the shards, write scores.h5 atomically

@@ -27,22 +27,55 @@ def _ks(values: list[str] | None):
         raise ConfigError(f"--ks {' '.join(values)}: give integers (e.g. --ks 1 2) or 'all'") from None
 
 
+SCORE_EXAMPLES = """examples:
+  hvae score --run-dir runs/fm --datasets FashionMNIST:test MNIST:test --iw-samples 1000 --out scores/fm
+  hvae score --run-dir runs/fm --datasets FashionMNIST:test KMNIST:test --data-root ~/data --out scores/fm \\
+      --shard 3 --num-shards 8          # one of 8 shards; then: hvae merge scores/fm
+Re-running the same command resumes its shard. Between runs --batch-size, --sample-chunk, --device,
+--data-root and the progress options may change; the rest is checked against the shard file."""
+
+MERGE_EXAMPLES = """example:
+  hvae merge scores/fm                 # scores/fm/shard-*.h5 -> scores/fm/scores.h5"""
+
+
+def _sample_chunk(value: str) -> int | str:
+    """argparse type of --sample-chunk: 'auto' or a positive integer."""
+    if value == "auto":
+        return value
+    try:
+        chunk = int(value)
+    except ValueError:
+        chunk = 0
+    if chunk < 1:
+        raise argparse.ArgumentTypeError(f"{value!r}: give 'auto' or an integer >= 1")
+    return chunk
+
+
 def add_score_arguments(p: argparse.ArgumentParser) -> None:
+    p.epilog = SCORE_EXAMPLES
     p.add_argument("--run-dir", required=True, help="training run dir (config.json, checkpoints/)")
-    p.add_argument("--checkpoint", default=None, help="checkpoint file (default: RUN_DIR/checkpoints/latest.pt)")
+    p.add_argument("--checkpoint", default=None,
+                   help="checkpoint file; its model must match RUN_DIR/config.json (default: RUN_DIR/checkpoints/latest.pt)")
     p.add_argument("--datasets", nargs="+", required=True, metavar="NAME:SPLIT",
                    help="datasets to score, e.g. FashionMNIST:test MNIST:test")
-    p.add_argument("--iw-samples", type=int, default=1000, help="importance samples S of the ELBO bound (1000)")
-    p.add_argument("--iw-samples-lk", type=int, default=None, help="importance samples of each L>k bound (default S)")
+    p.add_argument("--data-root", default=None, metavar="DIR",
+                   help="folder with torchvision's dataset files, e.g. for KMNIST and SVHN (default: the run's "
+                        "data.root; else the offline copies)")
+    p.add_argument("--iw-samples", type=int, default=1000, help="importance samples S of the ELBO bound")
+    p.add_argument("--iw-samples-lk", type=int, default=None,
+                   help="importance samples of each L>k bound (default: --iw-samples)")
     p.add_argument("--ks", nargs="+", default=None, metavar="K",
                    help="k of the L>k bounds, each in 0..L-1, or 'all' (default: all = 1..L-1)")
     p.add_argument("--out", required=True, help="output folder for the shard files")
     p.add_argument("--shard", type=int, default=None, help="this shard's index (default: from SLURM / torchrun, else 0)")
     p.add_argument("--num-shards", type=int, default=None, help="number of shards (default: from SLURM / torchrun, else 1)")
-    p.add_argument("--max-examples", type=int, default=None, help="score only the first N examples of each dataset")
-    p.add_argument("--batch-size", type=int, default=32, help="examples per batch (does not change the scores)")
-    p.add_argument("--sample-chunk", type=int, default=64,
-                   help="samples per example per forward pass; rows per pass = batch * chunk (does not change scores)")
+    p.add_argument("--max-examples", type=int, default=None,
+                   help="score only the first N examples of each dataset (default: all)")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="examples per batch; does not change the scores (default: 16 on a CPU, 128 on a GPU)")
+    p.add_argument("--sample-chunk", type=_sample_chunk, default="auto", metavar="auto|C",
+                   help="samples per example per forward pass (rows per pass = batch x chunk); does not change the "
+                        "scores. auto: about 64 rows per pass on a CPU, 4096 on a GPU")
     p.add_argument("--seed", type=int, default=0, help="seed of the posterior noise and dynamic binarization")
     p.add_argument("--no-ema", action="store_true", help="score the raw weights even when the checkpoint has EMA weights")
     p.add_argument("--precision", choices=SCORE_PRECISIONS, default="fp32",
@@ -52,8 +85,12 @@ def add_score_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto (cuda:LOCAL_RANK when available, else cpu), cpu, cuda:N")
     bar = p.add_mutually_exclusive_group()
     bar.add_argument("--progress", dest="progress", action="store_true", default=None,
-                     help="show the progress bar even when stderr is not a terminal")
-    bar.add_argument("--no-progress", dest="progress", action="store_false", help="never show the progress bar")
+                     help="show the progress bar even when stderr is not a terminal (default: bar on a terminal, "
+                          "else progress lines)")
+    bar.add_argument("--no-progress", dest="progress", action="store_false",
+                     help="never show the progress bar; log progress lines instead")
+    p.add_argument("--log-every", type=float, default=30.0, metavar="SECONDS",
+                   help="seconds between progress lines (rows done / total, rows/s, ETA) when there is no bar")
 
 
 def run_score(args: argparse.Namespace) -> int:
@@ -70,13 +107,14 @@ def run_score(args: argparse.Namespace) -> int:
     job = ScoreJob(run_dir=args.run_dir, datasets=list(args.datasets), out=args.out, settings=settings,
                    checkpoint=args.checkpoint, shard=shard, num_shards=num_shards, max_examples=args.max_examples,
                    batch_size=args.batch_size, use_ema=not args.no_ema, complexity=args.complexity,
-                   device=args.device, progress=args.progress)
+                   device=args.device, progress=args.progress, data_root=args.data_root, log_every=args.log_every)
     path = run_score_job(job)
     print(path)
     return 0
 
 
 def add_merge_arguments(p: argparse.ArgumentParser) -> None:
+    p.epilog = MERGE_EXAMPLES
     p.add_argument("out", help="folder holding shard-IIIII-of-NNNNN.h5 files (the --out of hvae score)")
 
 

@@ -8,6 +8,12 @@ One group per dataset, named "<Name>/<split>" (e.g. "FashionMNIST/test"), N rows
 Root attributes: `IDENTITY_ATTRS` (the settings a resumed shard and a merge must agree on) plus
 model_checkpoint, package_version, config, created, shard / num_shards in shard files and
 merged_shards in scores.h5. JSON_ATTRS are stored as JSON strings and read back parsed.
+
+Storage (format 2): every dataset is chunked by CHUNK_ROWS rows (all columns in one chunk) with a
+Fletcher32 checksum per chunk, which HDF5 verifies on every read (`create_checked`). A batch write
+rewrites only the chunks its rows fall in (one or two for up to 1024 rows: 8 KiB each of a float64
+column), and a rewritten chunk keeps its size and place, so a pre-sized shard file still never changes
+its HDF5 metadata after creation. Format 1 (contiguous, no checksums) is still read.
 """
 from __future__ import annotations
 
@@ -20,7 +26,9 @@ import numpy as np
 
 from hvae_dist.errors import ConfigError, ScoreFileError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+"""2: chunked datasets with Fletcher32 checksums. 1: contiguous, unchecked (readable, not resumable or mergeable)."""
+CHUNK_ROWS = 1024
 IDENTITY_ATTRS = ("format_version", "model_sha256", "iw_samples", "iw_samples_lk", "ks", "seed", "dtype", "ema",
                   "binarize", "num_layers", "datasets", "dataset_sizes", "complexity")
 SHARD_ATTRS = ("shard", "num_shards")
@@ -62,6 +70,36 @@ def write_attrs(f, attrs: dict) -> None:
         elif key == "ks":
             value = np.asarray(value, dtype=np.int64)
         f.attrs[key] = value
+
+
+def create_checked(group, name: str, data: np.ndarray):
+    """group[name] = data as a chunked dataset with a Fletcher32 checksum per chunk (the format-2 storage).
+
+    Chunks hold CHUNK_ROWS rows and every column; an axis of length 0 is made extensible, because HDF5
+    chunks have at least one element per axis.
+    """
+    data = np.asarray(data)
+    chunks = tuple([max(1, min(len(data), CHUNK_ROWS))] + [max(1, d) for d in data.shape[1:]])
+    maxshape = tuple(None if d == 0 else d for d in data.shape)
+    return group.create_dataset(name, data=data, chunks=chunks, maxshape=maxshape, fletcher32=True)
+
+
+def read_checked(path: Path, name: str, dset) -> np.ndarray:
+    """All of h5py dataset `dset` (its name in the file: `name`); a failed read, such as a chunk whose
+    Fletcher32 checksum does not match, is a ScoreFileError naming the file and the dataset."""
+    try:
+        return np.asarray(dset[()])
+    except OSError as e:
+        what = "fails its Fletcher32 checksum" if dset.fletcher32 else "cannot be read"
+        raise ScoreFileError(f"{path}: dataset '{name}' {what} (HDF5: {e}); the file is damaged (a flipped bit, "
+                             "a torn copy): delete it and re-run the job or shard that wrote it") from e
+
+
+def format_error(path: Path, found: Any, what: str) -> ScoreFileError:
+    """The refusal of a score file of another format version (resume, merge)."""
+    return ScoreFileError(f"{path}: score-file format {found!r}, but this version of hvae-dist writes format "
+                          f"{FORMAT_VERSION} (chunks with Fletcher32 checksums) and cannot {what} older files; "
+                          "delete it and re-run the shard (or use another --out)")
 
 
 def open_h5(path: Path, mode: str):

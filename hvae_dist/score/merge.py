@@ -1,24 +1,35 @@
 """Merge the shard files of one scoring job into OUT/scores.h5, refusing anything doubtful.
 
-Checks, each failure a ScoreFileError naming the file and the problem: at least one shard file; every
-file readable; one shard count across file names and attributes; shards 0..N-1 all present; the same
-identity attributes (model sha256, S, ks, seed, datasets, ...) in every shard; every row complete;
-no index in two shards; and per dataset the union of the shards' indices is exactly 0..size-1.
-The merged file has the shard files' attributes minus shard / num_shards and groups without
-`complete`, rows sorted by index. It is written under a temporary name and renamed (atomic).
+Checks, each failure a ScoreFileError naming the file and the problem: at least one shard file; no
+shard held by a running `hvae score` (its lock); every file readable and every dataset's Fletcher32
+checksum correct (`read_scores`); the current format version; one shard count across file names and
+attributes; shards 0..N-1 all present; the same identity attributes (model sha256, S, ks, seed,
+datasets, ...) in every shard; every row complete and every value of it finite; no index in two
+shards; and per dataset the union of the shards' indices is exactly 0..size-1. The merged file has the
+shard files' attributes minus shard / num_shards and groups without `complete`, rows sorted by index,
+with checksums; it is built in memory and written atomically (`score.atomic`).
 """
 from __future__ import annotations
 
-import os
 import re
 from pathlib import Path
 
 import numpy as np
 
 from hvae_dist.errors import ScoreFileError
-from hvae_dist.score.layout import IDENTITY_ATTRS, SHARD_ATTRS, write_attrs
+from hvae_dist.score.atomic import hdf5_image, write_bytes_atomic
+from hvae_dist.score.layout import (
+    FORMAT_VERSION,
+    IDENTITY_ATTRS,
+    SHARD_ATTRS,
+    VALUE_FIELDS,
+    create_checked,
+    format_error,
+    write_attrs,
+)
 from hvae_dist.score.plan import SHARD_PATTERN, shard_filename
 from hvae_dist.score.reader import read_scores
+from hvae_dist.score.writer import lock_shard
 
 MERGED_NAME = "scores.h5"
 
@@ -54,7 +65,13 @@ def merge_shards(out: str | Path) -> Path:
     shards = []
     for i in range(num_shards):
         path = found[i][1]
-        groups, attrs = read_scores(path)
+        lock = lock_shard(path)                  # not while `hvae score` writes it
+        try:
+            groups, attrs = read_scores(path)
+        finally:
+            lock.release()
+        if attrs.get("format_version") != FORMAT_VERSION:
+            raise format_error(path, attrs.get("format_version"), "merge")
         if attrs.get("shard") != i or attrs.get("num_shards") != num_shards:
             raise ScoreFileError(f"{path}: attributes say shard {attrs.get('shard')} of {attrs.get('num_shards')}, "
                                  f"the file name says {i} of {num_shards}")
@@ -77,6 +94,7 @@ def merge_shards(out: str | Path) -> Path:
             if len(incomplete):
                 raise ScoreFileError(f"{path}: {g} has {len(incomplete)} incomplete rows (first: dataset index "
                                      f"{int(data['index'][incomplete[0]])}); re-run that shard to finish it")
+            check_finite(path, g, data, ref_attrs["ks"])
             for i in data["index"].tolist():
                 if i in owner:
                     raise ScoreFileError(f"{path}: {g} index {i} is also in {owner[i].name} (overlapping shards)")
@@ -89,23 +107,35 @@ def merge_shards(out: str | Path) -> Path:
         index = np.concatenate([s[2][g]["index"] for s in shards])
         order = np.argsort(index, kind="stable")
         merged[g] = {k: np.concatenate([s[2][g][k] for s in shards])[order] for k in keys}
-    target = out / MERGED_NAME
-    tmp = out / f".{MERGED_NAME}.{os.getpid()}.tmp"
-    import h5py
+    attrs = ({k: v for k, v in ref_attrs.items() if k not in SHARD_ATTRS and k != "created"}
+             | {"created": ref_attrs.get("created", ""), "merged_shards": num_shards})
 
-    try:
-        with h5py.File(tmp, "w") as f:
-            write_attrs(f, {k: v for k, v in ref_attrs.items() if k not in SHARD_ATTRS and k != "created"}
-                        | {"created": ref_attrs.get("created", ""), "merged_shards": num_shards})
-            for g, data in merged.items():
-                grp = f.create_group(g)
-                for k, v in data.items():
-                    grp.create_dataset(k, data=v)
-            f.flush()
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, target)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return target
+    def build(f) -> None:
+        write_attrs(f, attrs)
+        for g, data in merged.items():
+            grp = f.create_group(g)
+            for k, v in data.items():
+                create_checked(grp, k, v)
+
+    return write_bytes_atomic(out / MERGED_NAME, hdf5_image(build))
+
+
+def check_finite(path: Path, group: str, data: dict[str, np.ndarray], ks: list[int]) -> None:
+    """Every value of every complete row is finite, else a ScoreFileError naming file, group, field and row."""
+    complete = np.flatnonzero(data["complete"].astype(bool) if "complete" in data else np.ones(len(data["index"]), bool))
+    for key in [k for k in data if k in VALUE_FIELDS or k.startswith("complexity_")]:
+        values = data[key][complete].reshape(len(complete), -1)             # rows, columns
+        bad_rows = np.flatnonzero(~np.isfinite(values).all(1))
+        if not len(bad_rows):
+            continue
+        r = int(bad_rows[0])
+        j = int(np.flatnonzero(~np.isfinite(values[r]))[0])
+        row = int(complete[r])
+        column = ""
+        if data[key].ndim == 2:
+            column = f", column {j}" + (f" (k={ks[j]})" if key in ("lk", "llr") and j < len(ks) else "")
+        raise ScoreFileError(
+            f"{path}: {group}/{key} is {values[r, j]} in row {row}{column} (dataset index {int(data['index'][row])}), "
+            f"a row marked complete ({len(bad_rows)} such rows in {key}); the model gives a non-finite bound there "
+            "or the file was edited. Check the checkpoint (a diverged run?), then delete this shard file and re-run "
+            "the shard")

@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
 from hvae_dist.errors import ConfigError
 
@@ -23,6 +24,12 @@ SHARD_PATTERN = r"shard-(\d{5})-of-(\d{5})\.h5"
 def shard_filename(shard: int, num_shards: int) -> str:
     """'shard-00003-of-00008.h5'."""
     return SHARD_NAME.format(shard=shard, num_shards=num_shards)
+
+
+def shard_lock_path(shard_path: str | Path) -> Path:
+    """OUT/.shard-IIIII-of-NNNNN.lock: the lock every writer of OUT/shard-IIIII-of-NNNNN.h5 holds (hidden, kept)."""
+    shard_path = Path(shard_path)
+    return shard_path.with_name(f".{shard_path.stem}.lock")
 
 
 def shard_range(n: int, shard: int, num_shards: int) -> tuple[int, int]:

@@ -8,7 +8,9 @@ Attributes come back as Python values (`ks` a list of int; config, datasets, dat
 complexity parsed from JSON). Groups are those listed in attrs["datasets"] (file order), else every
 "<Name>/<split>" group that holds datasets. Every group is checked against the layout of
 `hvae_dist.score.layout` (all fields present, shapes consistent); shard files keep their `complete`
-flags. Any problem is a ScoreFileError naming the file, the group and the field.
+flags. HDF5 verifies every chunk's Fletcher32 checksum as it reads it, and a format-2 file (the current
+one) must have checksums on every dataset. Any problem is a ScoreFileError naming the file, the group and
+the field (a failed checksum: the dataset).
 """
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from hvae_dist.errors import ScoreFileError
-from hvae_dist.score.layout import REQUIRED_FIELDS, open_h5, read_attrs
+from hvae_dist.score.layout import REQUIRED_FIELDS, open_h5, read_attrs, read_checked
 
 
 class ScoreFile(NamedTuple):
@@ -57,11 +59,20 @@ def read_scores(path: str | Path) -> ScoreFile:
     try:
         with open_h5(path, "r") as f:
             attrs = read_attrs(f)
+            checked = isinstance(attrs.get("format_version"), int) and attrs["format_version"] >= 2
             groups = {}
             for g in _group_names(path, f, attrs):
                 if g not in f or not isinstance(f[g], h5py.Group):
                     raise ScoreFileError(f"{path}: group {g!r} listed in attrs 'datasets' is missing")
-                groups[g] = {k: np.asarray(d[()]) for k, d in f[g].items() if isinstance(d, h5py.Dataset)}
+                groups[g] = {}
+                for k, d in f[g].items():
+                    if not isinstance(d, h5py.Dataset):
+                        continue
+                    if checked and not d.fletcher32:
+                        raise ScoreFileError(f"{path}: dataset '{g}/{k}' has no Fletcher32 checksum, which every "
+                                             f"dataset of a format-{attrs['format_version']} score file has; the "
+                                             "file was rewritten by another tool: re-run the job that wrote it")
+                    groups[g][k] = read_checked(path, f"{g}/{k}", d)
     except ScoreFileError:
         raise
     except Exception as e:

@@ -1,14 +1,14 @@
 """The shard writer: pre-sized HDF5 shard files, flushed batch by batch, resumable (layout: `score.layout`).
 
-Crash safety. A shard file is made under a temporary name with every dataset allocated at full size
-(index filled from the plan, values NaN, complete False) and renamed into place, so no later write
-changes HDF5 metadata. A batch's values are written and flushed (H5Fflush) *before* its rows' complete
+Crash safety. A shard file is built in memory with every dataset allocated at full size (index filled
+from the plan, values NaN, complete False; chunked, with Fletcher32 checksums, see `score.layout`) and
+written atomically (`score.atomic`: temp file, fsync, rename), so a full disk leaves no file and no
+later write changes HDF5 metadata. A batch's values are written and flushed (H5Fflush) *before* its rows' complete
 flags are set and flushed, so after a crash (even SIGKILL) every row flagged complete holds its final
 values and a re-run recomputes at most the batch that was in flight.
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,7 +16,21 @@ from typing import Any
 import numpy as np
 
 from hvae_dist.errors import ScoreFileError
-from hvae_dist.score.layout import IDENTITY_ATTRS, SHARD_ATTRS, normalize_attr, open_h5, read_attrs, write_attrs
+from hvae_dist.locking import FileLock
+from hvae_dist.score.atomic import hdf5_image, with_path, write_bytes_atomic
+from hvae_dist.score.layout import (
+    FORMAT_VERSION,
+    IDENTITY_ATTRS,
+    SHARD_ATTRS,
+    create_checked,
+    format_error,
+    normalize_attr,
+    open_h5,
+    read_attrs,
+    read_checked,
+    write_attrs,
+)
+from hvae_dist.score.plan import shard_lock_path
 
 
 @dataclass
@@ -47,8 +61,26 @@ def _row_selector(rows: np.ndarray):
     return rows.tolist()
 
 
+def lock_shard(path: str | Path) -> FileLock:
+    """Take the lock of shard file `path` (OUT/.shard-IIIII-of-NNNNN.lock, `plan.shard_lock_path`); held by
+    `hvae score` for its whole life and by `hvae merge` while it reads the shard. LockedError names the holder."""
+    lock = FileLock(shard_lock_path(path), f"shard file {path}")
+    try:
+        return lock.acquire()
+    except OSError as e:                     # e.g. no space left for the lock file's "host pid" line
+        try:
+            if lock.path.stat().st_size == 0:  # made by this failed attempt: leave no empty file behind
+                lock.path.unlink()
+        except OSError:
+            pass
+        raise with_path(e, lock.path) from e
+
+
 class ShardWriter:
-    """Writes one shard file; `open()` creates it or resumes an existing one with the same identity."""
+    """Writes one shard file; `open()` creates it or resumes an existing one with the same identity.
+
+    The caller holds the shard's lock (`hvae_dist.locking.FileLock`) from before `open()` to `close()`.
+    """
 
     def __init__(self, path: Path, f, groups: list[GroupSpec]):
         self.path, self.f, self.groups = path, f, {g.name: g for g in groups}
@@ -64,11 +96,8 @@ class ShardWriter:
                 f.close()
                 raise
             return cls(path, f, groups)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        import h5py
 
-        with h5py.File(tmp, "w") as f:
+        def build(f) -> None:
             write_attrs(f, attrs)
             for g in groups:
                 grp = f.create_group(g.name)
@@ -77,13 +106,16 @@ class ShardWriter:
                         data = np.asarray(g.index, dtype=np.int64)
                     else:
                         data = np.full(shape, False if dtype is np.bool_ else np.nan, dtype=dtype)
-                    grp.create_dataset(key, data=data)   # written in full: allocated now, never resized
-        os.replace(tmp, path)
+                    create_checked(grp, key, data)   # written in full: allocated now, never resized
+
+        write_bytes_atomic(path, hdf5_image(build))
         return cls(path, open_h5(path, "r+"), groups)
 
     @staticmethod
     def _check_existing(path: Path, f, attrs: dict, groups: list[GroupSpec]) -> None:
         have = read_attrs(f)
+        if have.get("format_version") != FORMAT_VERSION:
+            raise format_error(path, have.get("format_version"), "resume")
         want = {k: normalize_attr(k, v) for k, v in attrs.items()}
         for key in IDENTITY_ATTRS + SHARD_ATTRS:
             if have.get(key) != want.get(key):
@@ -100,22 +132,26 @@ class ShardWriter:
                     found = grp[key].shape if key in grp else "missing"
                     raise ScoreFileError(f"{path}: {g.name}/{key} should have shape {shape}, found {found}; "
                                          "the file is damaged or from another job. Delete it and re-run")
-            if not np.array_equal(grp["index"][()], g.index):
+            if not np.array_equal(read_checked(path, f"{g.name}/index", grp["index"]), g.index):
                 raise ScoreFileError(f"{path}: {g.name}/index differs from this run's shard plan "
                                      "(other --max-examples or shard count?). Delete it or use another --out")
 
     def pending(self, group: str) -> np.ndarray:
         """Row positions (0-based, within this shard's group) not yet complete, ascending."""
-        return np.flatnonzero(~self.f[group]["complete"][()].astype(bool))
+        flags = read_checked(self.path, f"{group}/complete", self.f[group]["complete"])
+        return np.flatnonzero(~flags.astype(bool))
 
     def write(self, group: str, rows: np.ndarray, values: dict[str, np.ndarray]) -> None:
         """Write `values` (arrays whose first axis matches rows) for `rows`, flush, then mark them complete."""
         grp, sel = self.f[group], _row_selector(np.asarray(rows))
-        for key, value in values.items():
-            grp[key][sel] = value
-        self.f.flush()                 # values on disk before ...
-        grp["complete"][sel] = True
-        self.f.flush()                 # ... the flags that vouch for them
+        try:
+            for key, value in values.items():
+                grp[key][sel] = value
+            self.f.flush()                 # values on disk before ...
+            grp["complete"][sel] = True
+            self.f.flush()                 # ... the flags that vouch for them
+        except OSError as e:               # a damaged chunk (its checksum is checked on read-modify-write), I/O
+            raise with_path(e, self.path) from e
 
     def close(self) -> None:
         if self.f:

@@ -32,21 +32,23 @@ def _add_slurm_arguments(p: argparse.ArgumentParser, prefix: str = "", time_defa
     """SLURM resources of one kind of job; `prefix` ("score-") names them apart in `pipeline`."""
     g = p.add_argument_group(f"SLURM ({what} jobs)" if what else "SLURM")
     g.add_argument(f"--{prefix}time", type=int, default=time_default, metavar="MIN",
-                   help=f"time limit per job, minutes ({time_default}); a timed-out job checkpoints and requeues")
-    g.add_argument(f"--{prefix}cpus-per-task", type=int, default=None, metavar="C", help="CPUs per task")
-    g.add_argument(f"--{prefix}mem", default=None, metavar="MEM", help="memory per node, e.g. 32G")
-    g.add_argument(f"--{prefix}gpus-per-node", type=int, default=None, metavar="G", help="GPUs per node")
+                   help="time limit per job, minutes; a timed-out job checkpoints and requeues")
+    g.add_argument(f"--{prefix}cpus-per-task", type=int, default=None, metavar="C",
+                   help="CPUs per task (default: the partition's)")
+    g.add_argument(f"--{prefix}mem", default=None, metavar="MEM", help="memory per node, e.g. 32G (default: the partition's)")
+    g.add_argument(f"--{prefix}gpus-per-node", type=int, default=None, metavar="G",
+                   help="GPUs per node (default: none requested)")
     if not prefix:
         g.add_argument("--partition", default=None, metavar="P", help="partition (default: the cluster's)")
-        g.add_argument("--account", default=None, help="account to charge")
-        g.add_argument("--qos", default=None, help="quality of service")
-        g.add_argument("--constraint", default=None, help="node features, e.g. a100")
+        g.add_argument("--account", default=None, help="account to charge (default: yours)")
+        g.add_argument("--qos", default=None, help="quality of service (default: the cluster's)")
+        g.add_argument("--constraint", default=None, help="node features, e.g. a100 (default: any node)")
         g.add_argument("--after", default=None, metavar="JOBID",
-                       help="start only after this job succeeded (afterok)")
+                       help="start only after this job succeeded (afterok; default: at once)")
         g.add_argument("--signal-delay", type=int, default=120, metavar="S",
-                       help="seconds before the time limit at which jobs get SIGUSR2 to checkpoint + requeue (120)")
+                       help="seconds before the time limit at which jobs get SIGUSR2 to checkpoint + requeue")
         g.add_argument("--max-requeues", type=int, default=10, metavar="R",
-                       help="time-outs after which a job is not requeued again (10; preemptions do not count)")
+                       help="time-outs after which a job is not requeued again (preemptions do not count)")
         g.add_argument("--sbatch", action="append", default=[], metavar="KEY=VALUE",
                        help="any other #SBATCH option, e.g. --sbatch mail-type=END (repeatable)")
         g.add_argument("--setup", action="append", default=[], metavar="LINE",
@@ -60,7 +62,7 @@ def _add_train_job_arguments(p: argparse.ArgumentParser) -> None:
 
     train_cli.add_arguments(p)
     g = p.add_argument_group("training world")
-    g.add_argument("--nodes", type=int, default=1, help="nodes (1)")
+    g.add_argument("--nodes", type=int, default=1, help="nodes")
     g.add_argument("--tasks-per-node", type=int, default=None, metavar="G",
                    help="ranks per node (default: --gpus-per-node, else 1)")
 
@@ -72,15 +74,18 @@ def _add_score_arguments(p: argparse.ArgumentParser, pipeline: bool) -> None:
         g.add_argument("--checkpoint", default=None, help="checkpoint (default: RUN_DIR/checkpoints/latest.pt)")
     g.add_argument("--datasets", nargs="+", required=True, metavar="NAME:SPLIT",
                    help="datasets to score, in-distribution first, e.g. FashionMNIST:test MNIST:test")
-    g.add_argument("--iw-samples", type=int, default=1000, help="importance samples S (1000)")
+    g.add_argument("--iw-samples", type=int, default=1000, help="importance samples S")
     g.add_argument("--ks", nargs="+", default=None, metavar="K", help="k of the L>k bounds (default: all)")
     g.add_argument("--out", default=None, required=not pipeline,
                    help="folder of the shard files and scores.h5" + (" (default: RUN_DIR/scores)" if pipeline else ""))
     g.add_argument("--num-shards", type=int, required=True, metavar="N", help="array tasks, one shard each")
-    g.add_argument("--max-concurrent", type=int, default=None, metavar="K", help="run at most K shards at once")
-    g.add_argument("--max-examples", type=int, default=None, help="score only the first N examples of each dataset")
+    g.add_argument("--max-concurrent", type=int, default=None, metavar="K",
+                   help="run at most K shards at once (default: all)")
+    g.add_argument("--max-examples", type=int, default=None,
+                   help="score only the first N examples of each dataset (default: all)")
     g.add_argument("--score-batch-size" if pipeline else "--batch-size", dest="score_batch_size", type=int,
-                   default=None, metavar="B", help="examples per batch (does not change the scores)")
+                   default=None, metavar="B",
+                   help="examples per batch; does not change the scores (default: hvae score's, by device)")
     g.add_argument("--seed", type=int, default=None, help="seed of the scoring noise (hvae score's default: 0)")
     g.add_argument("--score-args", default="", metavar="'ARGS'",
                    help="more `hvae score` options, one shell-quoted string, e.g. '--precision bf16 --complexity'")
@@ -90,16 +95,31 @@ def _add_score_arguments(p: argparse.ArgumentParser, pipeline: bool) -> None:
     g.add_argument("--no-analyze", action="store_true", help="merge only")
 
 
+def _examples(which: str | None = None) -> str:
+    """The examples of the module docstring (all, or the one of `hvae submit WHICH`), as a help epilog."""
+    lines, keep = ["examples:"], which is None
+    for line in __doc__.split("\n\n")[1].splitlines():
+        if line.startswith("    hvae submit "):
+            keep = which is None or line.startswith(f"    hvae submit {which} ")
+        if keep:
+            lines.append(line[2:])
+    return "\n".join(lines)
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.epilog = _examples()
     sub = p.add_subparsers(dest="what", metavar="JOB")
     sub.required = True
-    t = sub.add_parser("train", help="a training job (one DDP / DeepSpeed world over all its tasks)")
+    t = sub.add_parser("train", help="a training job (one DDP / DeepSpeed world over all its tasks)",
+                       epilog=_examples("train"))
     _add_train_job_arguments(t)
     _add_slurm_arguments(t, time_default=1440)
-    s = sub.add_parser("score", help="a score array (one task per shard) and a dependent merge + analyze job")
+    s = sub.add_parser("score", help="a score array (one task per shard) and a dependent merge + analyze job",
+                       epilog=_examples("score"))
     _add_score_arguments(s, pipeline=False)
     _add_slurm_arguments(s, time_default=240)
-    pl = sub.add_parser("pipeline", help="train -> score array -> merge + analyze, as dependent jobs")
+    pl = sub.add_parser("pipeline", help="train -> score array -> merge + analyze, as dependent jobs",
+                        epilog=_examples("pipeline"))
     _add_train_job_arguments(pl)
     _add_score_arguments(pl, pipeline=True)
     _add_slurm_arguments(pl, time_default=1440, what="train")

@@ -2,9 +2,11 @@
 and the exact log p(x) of a model with a 2-dim latent by numerical integration on a grid."""
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -99,6 +101,46 @@ def hvae_cli(*args: str, env: dict | None = None, check: bool = True, **kw) -> s
     return proc
 
 
+@contextlib.contextmanager
+def small_tmpfs(folder: str | Path, size: str = "300k"):
+    """A tmpfs of `size` mounted on `folder` (needs root; pytest.skip with the reason otherwise), unmounted after."""
+    import pytest
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    if shutil.which("mount") is None:
+        pytest.skip("no `mount` command to make a small file system")
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a {size} tmpfs (needs root): {proc.stderr.strip() or proc.returncode}")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], check=False)
+
+
+def fill_disk(folder: str | Path, leave: int = 0) -> Path:
+    """Fill the file system of `folder` with a new file (filler, filler-1, ...), then give back `leave` bytes."""
+    filler = Path(folder) / "filler"
+    n = 0
+    while filler.exists():
+        n += 1
+        filler = Path(folder) / f"filler-{n}"
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o644)
+    try:
+        block = b"\0" * 4096
+        while True:
+            try:
+                os.write(fd, block)
+            except OSError:
+                break
+        os.ftruncate(fd, max(0, os.fstat(fd).st_size - leave))
+    finally:
+        os.close(fd)
+    return filler
+
+
 def read_groups(path: str | Path) -> dict:
     from hvae_dist.score.reader import read_scores
 
@@ -120,10 +162,12 @@ __all__ = [
     "build",
     "exact_config",
     "exact_log_px",
+    "fill_disk",
     "hvae_cli",
     "make_run_dir",
     "np",
     "read_groups",
     "score_args",
     "small_config",
+    "small_tmpfs",
 ]

@@ -145,11 +145,14 @@ def test_scores_are_invariant_to_batch_size_sample_chunk_and_shard_count(run_dir
         _score(run_dir, tmp_path / "three", "--batch-size", "3", "--sample-chunk", "12", "--shard", str(i),
                "--num-shards", "3")
     _score(run_dir, tmp_path / "other", "--batch-size", "7", "--sample-chunk", "1")
-    for out in ("one", "three", "other"):
+    _score(run_dir, tmp_path / "auto")                        # the defaults: batch and chunk from the device
+    _score(run_dir, tmp_path / "auto2", "--batch-size", "2", "--sample-chunk", "auto")
+    for out in ("one", "three", "other", "auto", "auto2"):
         assert hvae(["merge", str(tmp_path / out)]) == 0
     ref = read_scores(tmp_path / "one" / "scores.h5")
     assert ref.attrs["ks"] == [1, 2] and ref.attrs["iw_samples"] == 12
-    for out in ("three", "other"):
+    assert "sample_chunk" not in ref.attrs and "batch_size" not in ref.attrs   # not part of the scores' identity
+    for out in ("three", "other", "auto", "auto2"):
         got = read_scores(tmp_path / out / "scores.h5")
         assert list(got.groups) == ["FashionMNIST/test", "MNIST/test"]
         for g, data in ref.groups.items():
