@@ -10,8 +10,15 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+EXAMPLES = """examples:
+  hvae analyze scores/fm/scores.h5 --in-dist FashionMNIST:test              # -> scores/fm/analysis/
+  hvae analyze scores/fm/scores.h5 --in-dist FashionMNIST:test --out report --scores llr nll \\
+      --background scores/fm-bg/scores.h5 --tensorboard runs/fm
+Every file is written atomically; a score file with incomplete rows (an unmerged shard) is refused."""
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.epilog = EXAMPLES
     parser.add_argument("file", metavar="FILE", help="merged score file (hvae merge's OUT/scores.h5)")
     parser.add_argument("--in-dist", required=True, metavar="NAME:SPLIT",
                         help="the in-distribution group, the negatives (e.g. FashionMNIST:test); every group of "
@@ -20,11 +27,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="output folder for metrics.{md,csv,json} and PNGs (default: FILE's folder/analysis)")
     parser.add_argument("--background", metavar="FILE2", default=None,
                         help="score file of a background model over the same groups and indices: adds the "
-                             "likelihood-ratio score of Ren et al. 2019")
+                             "likelihood-ratio score of Ren et al. 2019 (default: none)")
     parser.add_argument("--tensorboard", metavar="DIR", default=None,
                         help="also log table, figures and metrics to TensorBoard: a run dir (uses its tb/) or "
-                             "a TensorBoard log dir")
-    parser.add_argument("--tb-step", type=int, default=0, metavar="N", help="global step for TensorBoard (default 0)")
+                             "a TensorBoard log dir (default: no TensorBoard)")
+    parser.add_argument("--tb-step", type=int, default=0, metavar="N", help="global step for TensorBoard")
     parser.add_argument("--scores", nargs="+", metavar="SCORE", default=None,
                         help="only these scores: ids (nll, lk1, llr2, complexity_png, background, typicality) or "
                              "families (nll lk llr complexity background typicality); default: all available")

@@ -161,13 +161,20 @@ def compute_metrics(neg_scores: np.ndarray, pos_scores: np.ndarray) -> dict[str,
             "fpr80": float(fpr[first])}
 
 
-def _check_complete(path: Path, name: str, data: dict[str, np.ndarray]) -> None:
-    """Metrics of part of a dataset would look like a result: refuse empty groups and unfinished shards."""
+def _check_complete(path: Path, name: str, data: dict[str, np.ndarray], attrs: dict[str, Any]) -> None:
+    """Metrics of part of a dataset would look like a result: refuse empty groups, unfinished shards and
+    one shard of several (its rows are complete, but they are a slice of the dataset the job scored)."""
     if data["index"].size == 0:
         raise ScoreFileError(f"{path}: group '{name}' has no rows")
     if "complete" in data and not np.all(data["complete"]):
         raise ScoreFileError(f"{path}: group '{name}' has {int(np.sum(~data['complete'].astype(bool)))} "
                              "incomplete rows (an unfinished shard?); run `hvae merge` on finished shards")
+    size = (attrs.get("dataset_sizes") or {}).get(name)
+    if size is not None and data["index"].size < int(size):
+        shard = (f"shard {attrs['shard']} of {attrs['num_shards']}; " if "num_shards" in attrs else "")
+        raise ScoreFileError(f"{path}: group '{name}' holds {data['index'].size} of the {int(size)} examples the job "
+                             f"scored ({shard}partial data); finish every shard, run `hvae merge {path.parent}` and "
+                             f"analyze its {path.parent / 'scores.h5'}")
 
 
 def _check_finite(values: np.ndarray, group: str, spec: ScoreSpec, path: Path) -> None:
@@ -212,7 +219,7 @@ def run_analysis(score_file: str | Path, in_dist: str, background: str | Path | 
         raise ScoreFileError(f"{path}: no OOD group besides '{in_name}/*'; groups in the file: {', '.join(groups)}")
     used = [in_group] + ood_groups
     for g in used:
-        _check_complete(path, g, groups[g])
+        _check_complete(path, g, groups[g], attrs)
     ref = typicality_reference(groups, in_group)
     bg_groups, bg_path = None, None
     if background is not None:

@@ -11,6 +11,7 @@ Group names such as "MNIST/test" become "MNIST_test" in file names.
 """
 from __future__ import annotations
 
+import io
 import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -108,12 +109,14 @@ def make_figures(result: Analysis) -> dict[str, Figure]:
 
 
 def save_figures(figures: dict[str, Figure], out: Path, dpi: int = 120) -> list[Path]:
-    """Write each figure to out/<name>.png; returns the paths."""
+    """Write each figure to out/<name>.png (atomically: rendered in memory, then `write_bytes_atomic`)."""
+    from hvae_dist.score.atomic import write_bytes_atomic
+
     paths = []
     for name, fig in figures.items():
-        path = out / f"{name}.png"
-        fig.savefig(path, dpi=dpi)
-        paths.append(path)
+        png = io.BytesIO()
+        fig.savefig(png, format="png", dpi=dpi)
+        paths.append(write_bytes_atomic(out / f"{name}.png", png.getvalue()))
     return paths
 
 

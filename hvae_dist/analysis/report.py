@@ -1,12 +1,19 @@
-"""What `hvae analyze` writes: the terminal table, metrics.{md,csv,json}, figures and TensorBoard."""
+"""What `hvae analyze` writes: the terminal table, metrics.{md,csv,json}, figures and TensorBoard.
+
+Every file is written atomically (`hvae_dist.score.atomic`: temp file, fsync, rename; the temp file is
+removed on failure), so a full disk leaves the previous report or none, never a 0-byte metrics.md.
+TensorBoard event files are appended by TensorBoard's own writer.
+"""
 from __future__ import annotations
 
 import csv
+import io
 import json
 from pathlib import Path
 from typing import Any
 
 from hvae_dist.analysis.metrics import METRICS, Analysis, run_analysis
+from hvae_dist.score.atomic import with_path, write_text_atomic
 
 
 def analyze(score_file: str | Path, in_dist: str, out_dir: str | Path | None = None,
@@ -29,7 +36,10 @@ def report(result: Analysis, out_dir: str | Path | None, plots: bool = True,
     figures = plotting.make_figures(result) if plots and (out_dir is not None or tensorboard is not None) else {}
     if out_dir is not None:
         out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise with_path(e, out) from e
         written += write_tables(result, out)
         written += plotting.save_figures(figures, out)
     if tensorboard is not None:
@@ -85,12 +95,13 @@ def _md(text: str) -> str:
 def write_tables(result: Analysis, out: Path) -> list[Path]:
     """metrics.md, metrics.csv and metrics.json in `out`."""
     md, csv_path, js = out / "metrics.md", out / "metrics.csv", out / "metrics.json"
-    md.write_text(format_markdown(result))
+    write_text_atomic(md, format_markdown(result))
     fields = ["in_dist", "ood", "score", "label", *METRICS, "n_in", "n_ood"]
-    with csv_path.open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
-        w.writeheader()
-        w.writerows(result.rows)
+    table = io.StringIO(newline="")
+    w = csv.DictWriter(table, fieldnames=fields, extrasaction="ignore")
+    w.writeheader()
+    w.writerows(result.rows)
+    write_text_atomic(csv_path, table.getvalue())
     meta = {k: result.attrs[k] for k in ("model_checkpoint", "model_sha256", "iw_samples", "ks", "seed", "created",
                                          "format_version", "package_version") if k in result.attrs}
     doc = {"score_file": str(result.score_file), "in_dist": result.in_group, "ood": result.ood_groups,
@@ -99,5 +110,5 @@ def write_tables(result: Analysis, out: Path) -> list[Path]:
            "sign_convention": {"higher_is_ood": True,
                                "scores": [{"id": s.id, "label": s.label, "value": s.meaning} for s in result.specs]},
            "rows": result.rows}
-    js.write_text(json.dumps(doc, indent=2) + "\n")
+    write_text_atomic(js, json.dumps(doc, indent=2) + "\n")
     return [md, csv_path, js]
