@@ -218,6 +218,18 @@ def test_score_on_a_full_file_system_is_one_line_error_and_leaves_no_stray_files
         assert read_scores(out / SHARD).groups["MNIST/test"]["complete"].all()
 
 
+def test_merge_on_a_full_file_system_is_one_line_error_and_leaves_no_stray_files(run_dir, tmp_path, capsys):
+    with small_tmpfs(tmp_path / "small") as disk:
+        out = disk / "out"
+        assert hvae(score_args(run_dir, out, "--max-examples", "3")) == 0
+        before = sorted(os.listdir(out))
+        fill_disk(disk)
+        assert hvae(["merge", str(out)]) == 2
+        line = _err_line(capsys.readouterr().err, "merge")
+        assert str(out / "scores.h5") in line and "No space left on device" in line and "0 B free of" in line, line
+        assert sorted(os.listdir(out)) == before                             # no scores.h5, no temp file
+
+
 # ------------------------------------------------------------------------------------- data and model
 def test_score_points_to_data_with_data_root_and_a_missing_or_empty_root_is_an_error(run_dir, tmp_path, capsys):
     assert hvae(score_args(run_dir, tmp_path / "o", datasets=("KMNIST:test",))) == 2
