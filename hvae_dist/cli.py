@@ -26,6 +26,8 @@ COMMANDS: dict[str, tuple[str, str, str, str]] = {
               "validate and join score shards into OUT/scores.h5"),
     "analyze": ("hvae_dist.analysis.cli", "add_arguments", "run",
                 "AUROC / AUPRC / FPR80 tables and plots from a score file"),
+    "visualize": ("hvae_dist.analysis.cli", "add_visualize_arguments", "run_visualize",
+                  "reconstructions per latent layer (L>k decodes) and prior samples at temperatures, as a PNG grid"),
     "submit": ("hvae_dist.submit.cli", "add_arguments", "run",
                "submit train / score / pipeline jobs to SLURM with submitit"),
     "demo": ("hvae_dist.experiments.cli", "add_demo_arguments", "run_demo",

@@ -49,3 +49,32 @@ def run(args: argparse.Namespace) -> int:
     print(f"\nwrote {len(written)} files to {out}"
           + (f"; TensorBoard: {args.tensorboard}" if args.tensorboard else ""))
     return 0
+
+
+VISUALIZE_EXAMPLES = """examples:
+  hvae visualize --run-dir runs/fmnist --datasets FashionMNIST:test MNIST:test
+  hvae visualize --run-dir runs/fmnist --datasets FashionMNIST:test --examples 4 --temperatures 0 0.7 1 --out figs"""
+
+
+def add_visualize_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.epilog = VISUALIZE_EXAMPLES
+    parser.add_argument("--run-dir", required=True, help="training run dir (config.json, checkpoints/)")
+    parser.add_argument("--datasets", nargs="+", required=True, metavar="NAME:SPLIT",
+                        help="datasets whose first examples form the rows, e.g. FashionMNIST:test MNIST:test")
+    parser.add_argument("--examples", type=int, default=8, help="rows per dataset")
+    parser.add_argument("--temperatures", nargs="*", type=float, default=[0.5, 0.8, 1.0], metavar="T",
+                        help="prior-sample columns: the std of every prior draw times T (0: the prior modes)")
+    parser.add_argument("--out", default=None, metavar="DIR", help="output folder (default: RUN_DIR/visualize)")
+    parser.add_argument("--checkpoint", default=None, help="checkpoint file (default: RUN_DIR/checkpoints/latest.pt)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the posterior noise (as hvae score --seed)")
+    parser.add_argument("--no-ema", action="store_true", help="the raw weights even when the checkpoint has EMA")
+    parser.add_argument("--data-root", default=None, metavar="DIR", help="folder of the datasets' files")
+
+
+def run_visualize(args: argparse.Namespace) -> int:
+    from hvae_dist.analysis.visualize import visualize_run
+
+    path = visualize_run(args.run_dir, args.datasets, args.out, args.examples, args.temperatures, args.seed,
+                         args.checkpoint, not args.no_ema, args.data_root)
+    print(path)
+    return 0

@@ -212,15 +212,20 @@ class BIVA(nn.Module):
 
     @torch.no_grad()
     def sample_prior(self, n: int, device: torch.device | str = "cpu", generator: torch.Generator | None = None,
-                     mean_image: bool = True) -> Tensor:
-        """n images from p(z_S) ... p(x|z): (n, C, H, W) in [0, 1] (the likelihood's mean when mean_image)."""
-        z = torch.randn(n, *self.top.event_shape, generator=generator, device=device)
-        u = self.top.down(z)
+                     mean_image: bool = True, temperature: float = 1.0) -> Tensor:
+        """n images from p(z_S) ... p(x|z): (n, C, H, W) in [0, 1] (the likelihood's mean when mean_image).
+
+        `temperature` scales the standard deviation of every prior draw; 0 decodes from the prior modes.
+        """
+        def draw(shape: tuple[int, ...]) -> Tensor:
+            return torch.randn(n, *shape, generator=generator, device=device) * temperature
+
+        u = self.top.down(draw(self.top.event_shape))
         for i in reversed(range(self.num_layers - 1)):
             t = self.decoders[i + 1](u)
-            eb = torch.randn(n, *self.lat_bu[i].event_shape, generator=generator, device=device)
-            et = torch.randn(n, *self.lat_td[i].event_shape, generator=generator, device=device)
-            u = t + self.lat_bu[i].down(self.lat_bu[i].p(t).rsample(eb)) + self.lat_td[i].down(self.lat_td[i].p(t).rsample(et))
+            zb = self.lat_bu[i].p(t).rsample(draw(self.lat_bu[i].event_shape))
+            zt = self.lat_td[i].p(t).rsample(draw(self.lat_td[i].event_shape))
+            u = t + self.lat_bu[i].down(zb) + self.lat_td[i].down(zt)
         params = self.likelihood(self.decoders[0](u))
         return self.likelihood.mean(params) if mean_image else self.likelihood.sample(params, generator)
 

@@ -179,12 +179,16 @@ class HierarchicalVAE(nn.Module):
 
     @torch.no_grad()
     def sample_prior(self, n: int, device: torch.device | str = "cpu", generator: torch.Generator | None = None,
-                     mean_image: bool = True) -> Tensor:
-        """n images from p(z_L) ... p(x|z): (n, C, H, W) in [0, 1] (the likelihood's mean when mean_image)."""
+                     mean_image: bool = True, temperature: float = 1.0) -> Tensor:
+        """n images from p(z_L) ... p(x|z): (n, C, H, W) in [0, 1] (the likelihood's mean when mean_image).
+
+        `temperature` scales the standard deviation of every prior draw; 0 decodes every layer from its
+        conditional-prior mode.
+        """
         u: Tensor | None = None
         for i in reversed(range(self.num_layers)):
             lat = self.latents[i]
-            eps = torch.randn(n, *lat.event_shape, generator=generator, device=device)
+            eps = torch.randn(n, *lat.event_shape, generator=generator, device=device) * temperature
             if u is None:
                 z, t = eps, None
             else:
