@@ -6,6 +6,9 @@ display needed). Files written to the output dir:
 - `roc_<OOD>.png`: ROC curve of every score for one OOD set (in-dist = negatives), AUROC in the legend.
 - `hist_<OOD>.png`: log p(x) (the ELBO, nats) and LLR>k for each k, in-dist vs that OOD set.
 - `hist_all.png`: the same quantities for every group in one figure.
+- `scatter_<OOD>.png`: ELBO against LLR>k per example, in-dist vs that OOD set, one panel per k.
+- `kl_layers.png`: the KL of each latent layer, in-dist vs every OOD set, one panel per layer.
+- `auroc_by_k.png`: the AUROC of LLR>k as a function of k, a line per OOD set.
 
 Group names such as "MNIST/test" become "MNIST_test" in file names.
 """
@@ -97,14 +100,61 @@ def histogram_figure(result: Analysis, groups: list[str]) -> Figure:
     return fig
 
 
+def kl_figure(result: Analysis) -> Figure:
+    """The mean KL of each latent layer (nats, one panel per layer, bottom first): in-dist vs every OOD set."""
+    groups = [result.in_group, *result.ood_groups]
+    num_layers = result.groups[result.in_group]["kl"].shape[1]
+    fig, axes = _new_figure(num_layers, width=3.4, height=3.0)
+    for i, ax in enumerate(axes):
+        _draw_histograms(ax, f"KL of layer {i + 1} (nats)", {g: result.groups[g]["kl"][:, i] for g in groups})
+    fig.suptitle("KL per latent layer: what each layer spends on the data", fontsize=9)
+    return fig
+
+
+def auroc_by_k_figure(result: Analysis) -> Figure:
+    """AUROC of LLR>k against k, a line per OOD set; the -ELBO AUROC as a dashed line of the same colour."""
+    fig, (ax,) = _new_figure(1, width=5.0, height=3.8)
+    ks = result.attrs["ks"]
+    auroc = {(r["ood"], r["score"]): r["auroc"] for r in result.rows}
+    for i, ood in enumerate(result.ood_groups):
+        ys = [auroc.get((ood, f"llr{k}"), np.nan) for k in ks]
+        ax.plot(ks, ys, marker="o", color=f"C{i}", label=f"{ood}: LLR>k")
+        if (ood, "nll") in auroc:
+            ax.axhline(auroc[(ood, "nll")], color=f"C{i}", ls="--", lw=0.8)
+    ax.axhline(0.5, color="0.7", ls=":", lw=0.8)
+    ax.set(xlabel="k (layers decoded from the prior)", ylabel="AUROC", ylim=(0, 1.02), xticks=ks,
+           title=f"AUROC of LLR>k, in-dist {result.in_group} (dashed: -ELBO)")
+    ax.legend(fontsize=7)
+    return fig
+
+
+def scatter_figure(result: Analysis, ood: str) -> Figure:
+    """ELBO (x) against LLR>k (y) per example, one panel per k: in-dist vs one OOD set."""
+    ks = result.attrs["ks"]
+    fig, axes = _new_figure(max(1, len(ks)), width=3.8, height=3.4)
+    for j, (ax, k) in enumerate(zip(axes, ks)):
+        for i, g in enumerate((result.in_group, ood)):
+            d = result.groups[g]
+            ax.scatter(d["elbo"], d["llr"][:, j], s=4, alpha=0.4, color=f"C{i}", label=g, linewidths=0)
+        ax.set(xlabel="ELBO (nats)", ylabel=f"LLR>{k} (nats)", title=f"ELBO vs LLR>{k}")
+        ax.legend(fontsize=7, markerscale=3)
+    return fig
+
+
 def make_figures(result: Analysis) -> dict[str, Figure]:
-    """name (file stem) -> figure, for every OOD group plus the all-groups histogram."""
+    """name (file stem) -> figure: per OOD group its ROC curves, histograms and ELBO-LLR scatter; the
+    all-groups histogram, the KL per layer and the AUROC of LLR>k against k."""
     figures: dict[str, Figure] = {}
     for ood in result.ood_groups:
         figures[f"roc_{file_stem(ood)}"] = roc_figure(result, ood)
         figures[f"hist_{file_stem(ood)}"] = histogram_figure(result, [result.in_group, ood])
+        if result.attrs["ks"]:
+            figures[f"scatter_{file_stem(ood)}"] = scatter_figure(result, ood)
     if len(result.ood_groups) > 1:
         figures["hist_all"] = histogram_figure(result, [result.in_group, *result.ood_groups])
+    figures["kl_layers"] = kl_figure(result)
+    if result.attrs["ks"] and any(s.family == "llr" for s in result.specs):
+        figures["auroc_by_k"] = auroc_by_k_figure(result)
     return figures
 
 

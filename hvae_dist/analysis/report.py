@@ -42,6 +42,11 @@ def report(result: Analysis, out_dir: str | Path | None, plots: bool = True,
             raise with_path(e, out) from e
         written += write_tables(result, out)
         written += plotting.save_figures(figures, out)
+        if plots:
+            from hvae_dist.analysis.html import build_html
+            from hvae_dist.score.atomic import write_bytes_atomic
+
+            written.append(write_bytes_atomic(out / "report.html", build_html(result, figures).encode()))
     if tensorboard is not None:
         plotting.write_tensorboard(tensorboard, result, format_markdown(result), figures, step=tb_step)
     return written
