@@ -29,21 +29,25 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from hvae_dist.data import sources
+from hvae_dist.data import sources, variants
 from hvae_dist.errors import ConfigError, DatasetUnavailableError
 
-DATASET_NAMES = ("MNIST", "FashionMNIST", "KMNIST", "AnimalMNIST", "CIFAR10", "CIFAR100", "SVHN", "Digits")
+DATASET_NAMES = ("MNIST", "FashionMNIST", "KMNIST", "AnimalMNIST", "CIFAR10", "CIFAR100", "SVHN", "Digits",
+                 *variants.SYNTHETIC_NAMES)
 SPLITS = ("train", "validation", "test")
 
 _BY_LOWER = {n.lower(): n for n in DATASET_NAMES}
 
 
 def canonical_name(name: str) -> str:
-    """The registry's spelling of a dataset name (case-insensitive match). Unknown -> ConfigError."""
-    canon = _BY_LOWER.get(str(name).strip().lower())
+    """The registry's spelling of a dataset name with its variants (`data.variants`), e.g.
+    'mnist-Inverted' -> 'MNIST-inverted' (case-insensitive). Unknown name or variant -> ConfigError."""
+    base, tokens = variants.split_name(name)
+    canon = _BY_LOWER.get(base.lower())
     if canon is None:
-        raise ConfigError(f"unknown dataset name {name!r}; allowed: {', '.join(DATASET_NAMES)}")
-    return canon
+        raise ConfigError(f"unknown dataset name {base!r}; allowed: {', '.join(DATASET_NAMES)} "
+                          f"(with variants: NAME-{variants.VARIANT_HELP.replace(', ', ', NAME-')})")
+    return "-".join([canon, *tokens])
 
 
 def _check_split(split: str, spec: str | None = None) -> str:
@@ -200,7 +204,14 @@ def _single_block(name: str):
 @functools.lru_cache(maxsize=32)
 def _load_cached(name: str, split: str, root: str | None, download: bool) -> tuple[np.ndarray, np.ndarray]:
     """Not cached when no source has the set (_Missing), so that files that appear later are found."""
-    if name in ("AnimalMNIST", "Digits"):
+    base, tokens = variants.split_name(name)
+    if tokens:
+        images, labels = _load_cached(base, split, root, download)
+        for token in tokens:
+            images = variants.apply_variant(images, token)
+    elif name in variants.SYNTHETIC_NAMES:
+        images, labels = variants.synthetic(name, split)
+    elif name in ("AnimalMNIST", "Digits"):
         block = _single_block(name)
         if block is None:
             raise _Missing
@@ -228,11 +239,12 @@ def load_arrays(name: str, split: str, root: str | None = None, download: bool =
     DatasetUnavailableError saying how to get the set, with the options of `hint` (the calling command's).
     """
     name, split, root = canonical_name(name), _check_split(split), _normalize_root(root)
-    _check_root(name, split, root, bool(download), hint)
+    base = variants.split_name(name)[0]
+    _check_root(base, split, root, bool(download), hint)
     try:
         return _load_cached(name, split, root, bool(download))
     except _Missing:
-        raise DatasetUnavailableError(_how_to_get(name, split, root, bool(download), hint)) from None
+        raise DatasetUnavailableError(_how_to_get(base, split, root, bool(download), hint)) from None
 
 
 class ArrayDataset(torch.utils.data.Dataset):
