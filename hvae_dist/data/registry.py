@@ -33,7 +33,7 @@ from hvae_dist.data import sources, variants
 from hvae_dist.errors import ConfigError, DatasetUnavailableError
 
 DATASET_NAMES = ("MNIST", "FashionMNIST", "KMNIST", "AnimalMNIST", "CIFAR10", "CIFAR100", "SVHN", "Digits",
-                 *variants.SYNTHETIC_NAMES)
+                 "Omniglot", "notMNIST", "SmallNORB", *variants.SYNTHETIC_NAMES)
 SPLITS = ("train", "validation", "test")
 
 _BY_LOWER = {n.lower(): n for n in DATASET_NAMES}
@@ -128,6 +128,12 @@ def _how_to_get(name: str, split: str, root: str | None, download: bool, hint: R
                          f"{split} needs the real files;")
     elif name == "Digits":
         lines.append("  - it comes with scikit-learn: .venv/bin/pip install scikit-learn.")
+    elif name == "notMNIST":
+        lines.append(f"  - download the public notMNIST_small set (one folder of 28x28 PNGs per letter A..J), unpack it "
+                     f"as DIR/{sources.NOTMNIST_DIR}/A..J and pass {hint.set_root};")
+    elif name == "SmallNORB":
+        lines.append(f"  - download the public SmallNORB binary files ({sources.SMALLNORB_FILES['train']}-dat.mat, "
+                     f"-cat.mat and the two -testing- files), gunzip them into DIR and pass {hint.set_root};")
     if tv:
         have = f" (looked in {root!r}: torchvision's files are not there)" if root else ""
         if hint.download:
@@ -171,6 +177,10 @@ class _Missing(Exception):
 
 @functools.lru_cache(maxsize=16)
 def _official_block_cached(name: str, official_split: str, root: str | None, download: bool):
+    if name == "SmallNORB":
+        if root is None:
+            raise _Missing
+        return sources.read_smallnorb(root, official_split)
     if root is not None:
         try:
             return sources.read_torchvision(name, official_split, root, download=False)
@@ -194,9 +204,11 @@ def _official_block_cached(name: str, official_split: str, root: str | None, dow
 
 
 @functools.lru_cache(maxsize=4)
-def _single_block(name: str):
+def _single_block(name: str, root: str | None = None):
     if name == "Digits":
         return sources.read_digits()
+    if name == "notMNIST":
+        return sources.read_notmnist(root) if root is not None else None
     files = sources.animal_mnist_files()
     return sources.read_animal_mnist(files) if files is not None else None
 
@@ -211,8 +223,8 @@ def _load_cached(name: str, split: str, root: str | None, download: bool) -> tup
             images = variants.apply_variant(images, token)
     elif name in variants.SYNTHETIC_NAMES:
         images, labels = variants.synthetic(name, split)
-    elif name in ("AnimalMNIST", "Digits"):
-        block = _single_block(name)
+    elif name in ("AnimalMNIST", "Digits", "notMNIST"):
+        block = _single_block(name, root if name == "notMNIST" else None)
         if block is None:
             raise _Missing
         rows = single_block_split_indices(block[1], split)

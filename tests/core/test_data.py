@@ -39,7 +39,8 @@ def test_parse_dataset_spec_returns_canonical_name_and_split():
     assert parse_dataset_spec("FashionMNIST:test") == ("FashionMNIST", "test")
     assert parse_dataset_spec("cifar10:validation") == ("CIFAR10", "validation")
     assert set(DATASET_NAMES) == {"MNIST", "FashionMNIST", "KMNIST", "AnimalMNIST", "CIFAR10", "CIFAR100",
-                                  "SVHN", "Digits", "UniformNoise", "BernoulliNoise", "Constant"}
+                                  "SVHN", "Digits", "Omniglot", "notMNIST", "SmallNORB", "UniformNoise", "BernoulliNoise",
+                                  "Constant"}
 
 
 @pytest.mark.parametrize("spec, words", [
