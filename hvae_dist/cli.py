@@ -30,6 +30,8 @@ COMMANDS: dict[str, tuple[str, str, str, str]] = {
                   "reconstructions per latent layer (L>k decodes) and prior samples at temperatures, as a PNG grid"),
     "submit": ("hvae_dist.submit.cli", "add_arguments", "run",
                "submit train / score / pipeline jobs to SLURM with submitit"),
+    "poster": ("hvae_dist.experiments.cli", "add_poster_arguments", "run_poster",
+               "the paper's OOD table: both models trained, every resolvable OOD set scored, the paper beside us"),
     "demo": ("hvae_dist.experiments.cli", "add_demo_arguments", "run_demo",
              "the paper's headline on offline data: FashionMNIST vs MNIST on CPU"),
 }
