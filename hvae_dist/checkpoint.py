@@ -13,70 +13,162 @@
     config          the resolved config as a dict
 
 Files are written atomically (temp file in the same folder, fsync, rename, fsync of the folder) so a
-crash leaves either the old or the new checkpoint, never a torn one. Loading uses
-`torch.load(weights_only=True)`: a checkpoint is data, never code.
+crash leaves either the old or the new checkpoint, never a torn one; a failed write (a full disk)
+removes its temp file and raises CheckpointError naming the path and the free space. Loading uses
+`torch.load(weights_only=True)`: a checkpoint is data, never code. A file that does not load gets a
+reason of our own (empty, truncated, not a checkpoint, refused pickle), never torch's advice to load
+it with `weights_only=False`.
+
+Recovery (training): `load_newest` resumes from the newest checkpoint that loads: latest.pt, or a
+numbered one newer than it (a crash between the two writes), else the numbered ones newest first.
+Files that a resumed run would contradict are moved to `checkpoints/superseded-TIME/` (`set_aside`),
+never deleted. Scoring never falls back: its scores would silently come from another model.
 """
 from __future__ import annotations
 
+import errno
 import os
 import pickle
 import re
+import shutil
 import tempfile
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 
 from hvae_dist.errors import CheckpointError
 
 SCHEMA_VERSION = 1
+LATEST = "latest.pt"
 _STEP_RE = re.compile(r"step-(\d+)\.pt$")
+_ZIP_MAGIC = b"PK\x03\x04"
+_PICKLE_PROTO = 0x80
 
 
 def checkpoint_dir(run_dir: str | Path) -> Path:
     return Path(run_dir) / "checkpoints"
 
 
-def atomic_torch_save(obj: Any, path: str | Path) -> None:
-    """torch.save to a temp file beside `path`, fsync, rename over `path`, fsync the folder."""
+def _free_space(folder: Path) -> str:
+    """'1.2 GiB free' / '0.0 MiB free' of the file system that holds `folder` (or its nearest existing parent)."""
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        return "free space unknown"
+    if free >= 2**30:
+        return f"{free / 2**30:.1f} GiB free"
+    return f"{free / 2**20:.1f} MiB free" if free >= 2**20 else f"{free / 2**10:.0f} KiB free"
+
+
+class _WriteErrors:
+    """A binary file that remembers the OSError of a failed write: torch's zip writer reports a full disk as
+    a RuntimeError ("unexpected pos ..."), which names neither the cause nor the file."""
+
+    def __init__(self, f: BinaryIO):
+        self.f, self.error = f, None
+
+    def write(self, data) -> int:
+        try:
+            return self.f.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def __getattr__(self, name: str):
+        return getattr(self.f, name)
+
+
+def atomic_write(path: str | Path, write: Callable[[BinaryIO], None], what: str = "file") -> None:
+    """`write(f)` into a temp file beside `path`, fsync, rename over `path`, fsync the folder.
+
+    On any failure the temp file is removed and `path` is untouched; an OSError (a full disk, a read-only
+    or vanished folder), also one that torch reports as a RuntimeError, becomes a CheckpointError naming
+    `path` and the free space of its folder.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp, f = None, None
     try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        with os.fdopen(fd, "wb") as raw:
+            f = _WriteErrors(raw)
+            write(f)
+            raw.flush()
+            os.fsync(raw.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
+        tmp = None
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except Exception as e:
+        cause = e if isinstance(e, OSError) else (f.error if f is not None else None)
+        if cause is None:
+            raise
+        if tmp is not None and os.path.exists(tmp):
+            os.unlink(tmp)   # before measuring: the free space the user gets back
+            tmp = None
+        hint = "free some space or move the run dir" if cause.errno in (errno.ENOSPC, errno.EDQUOT) else \
+            "check the folder's permissions and file system"
+        raise CheckpointError(f"cannot write {what} {path}: {cause.strerror or cause} ({_free_space(path.parent)} on "
+                              f"{path.parent}); {hint}, then re-run the same command") from e
     finally:
-        os.close(dir_fd)
+        if tmp is not None and os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def atomic_torch_save(obj: Any, path: str | Path) -> None:
+    """torch.save to a temp file beside `path`, fsync, rename over `path`, fsync the folder (see atomic_write)."""
+    atomic_write(path, lambda f: torch.save(obj, f), "checkpoint")
+
+
+def step_of(path: Path) -> int | None:
+    """N of a `step-N.pt` file name, else None."""
+    m = _STEP_RE.search(Path(path).name)
+    return int(m.group(1)) if m else None
 
 
 def save_checkpoint(state: dict, run_dir: str | Path, keep_last: int = 3) -> Path:
-    """Write step-N.pt and latest.pt for `state["step"]`, then prune numbered files beyond `keep_last`."""
+    """Write step-N.pt and latest.pt for `state["step"]`, then prune numbered files beyond `keep_last`.
+
+    Pruning removes only files older than the one just written (never it, never a newer one), so a run
+    that continues from an older checkpoint cannot delete its own new file.
+    """
     ckdir = checkpoint_dir(run_dir)
     state = {"schema_version": SCHEMA_VERSION, **state}
-    numbered = ckdir / f"step-{int(state['step'])}.pt"
+    step = int(state["step"])
+    numbered = ckdir / f"step-{step}.pt"
     atomic_torch_save(state, numbered)
     # latest.pt is a copy (not a symlink) so that it survives copying the run dir anywhere.
-    atomic_torch_save(state, ckdir / "latest.pt")
-    for old in list_checkpoints(run_dir)[:-keep_last] if keep_last > 0 else []:
-        old.unlink(missing_ok=True)
+    atomic_torch_save(state, ckdir / LATEST)
+    if keep_last > 0:
+        older = [p for p in list_checkpoints(run_dir) if step_of(p) < step]
+        for old in older[:max(0, len(older) - (keep_last - 1))]:
+            old.unlink(missing_ok=True)
     return numbered
 
 
 def list_checkpoints(run_dir: str | Path) -> list[Path]:
     """Numbered checkpoints, oldest first."""
     ckdir = checkpoint_dir(run_dir)
-    found = [(int(m.group(1)), p) for p in ckdir.glob("step-*.pt") if (m := _STEP_RE.search(p.name))]
+    found = [(n, p) for p in ckdir.glob("step-*.pt") if (n := step_of(p)) is not None]
     return [p for _, p in sorted(found)]
+
+
+def checkpoint_files(run_dir: str | Path) -> list[Path]:
+    """Every checkpoint file of a run dir (latest.pt, step-N.pt newest first, any other *.pt)."""
+    ckdir = checkpoint_dir(run_dir)
+    numbered = list_checkpoints(run_dir)[::-1]
+    others = sorted(p for p in ckdir.glob("*.pt") if p.name != LATEST and p not in numbered)
+    return [p for p in [ckdir / LATEST] if p.exists()] + numbered + others
 
 
 def _safe_globals() -> list:
@@ -90,14 +182,47 @@ def _safe_globals() -> list:
     return allowed
 
 
+def _failure_reason(path: Path, exc: BaseException) -> str:
+    """Why `path` did not load, in our words: torch's messages advise `weights_only=False`, which a user must not do."""
+    if isinstance(exc, OSError) and not isinstance(exc, EOFError):
+        return f"cannot be read ({exc.strerror or exc})"
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(4)
+    except OSError as e:
+        return f"cannot be read ({e.strerror or e})"
+    if size == 0:
+        return "empty file (0 bytes; a write that never finished, or a full disk)"
+    text = str(exc)
+    if head == _ZIP_MAGIC and "zip archive" in text:
+        return f"truncated or damaged ({size} bytes; the end of its zip archive is missing or unreadable)"
+    if isinstance(exc, pickle.UnpicklingError) and (head == _ZIP_MAGIC or head[:1] == bytes([_PICKLE_PROTO])):
+        m = re.search(r"GLOBAL ([\w.]+)", text) or re.search(r"[Uu]nsupported global:? (?:GLOBAL )?([\w.]+)", text)
+        if m:
+            return (f"refused pickle: it would call or build {m.group(1)}, and a checkpoint is loaded as data "
+                    "(tensors, numbers, strings), never code; do not use a file from an untrusted source")
+        if head == _ZIP_MAGIC:
+            return ("refused pickle: it holds objects other than tensors and plain data; a checkpoint is loaded as "
+                    "data, never code")
+    return f"not a checkpoint ({size} bytes that are neither a torch zip archive nor a torch pickle)"
+
+
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
-    """Load a checkpoint file as data (weights_only=True); checks the schema version."""
+    """Load a checkpoint file as data (weights_only=True); checks the schema version.
+
+    Raises CheckpointError with a `reason` attribute (one clause: "empty file ...", "truncated ...", ...).
+    """
     path = Path(path)
     if not path.exists():
-        raise CheckpointError(f"checkpoint {path} does not exist")
+        err = CheckpointError(f"checkpoint {path} does not exist")
+        err.reason = "missing"
+        raise err
     try:
         try:
-            state = torch.load(path, map_location=map_location, weights_only=True)
+            with warnings.catch_warnings():   # torch warns about the pickle protocol of files it then refuses
+                warnings.filterwarnings("ignore", message="Detected pickle protocol")
+                state = torch.load(path, map_location=map_location, weights_only=True)
         except pickle.UnpicklingError as first:
             # Only DeepSpeed checkpoints need more (its loss-scaler classes); importing DeepSpeed costs
             # seconds, so it happens only for them.
@@ -106,28 +231,120 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
             with torch.serialization.safe_globals(_safe_globals()):
                 state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:
-        raise CheckpointError(f"checkpoint {path} could not be read as a weights-only checkpoint: {e}") from e
+        reason = _failure_reason(path, e)
+        err = CheckpointError(f"checkpoint {path} cannot be loaded: {reason}")
+        err.reason = reason
+        raise err from None
     if not isinstance(state, dict) or state.get("schema_version") != SCHEMA_VERSION:
         found = state.get("schema_version") if isinstance(state, dict) else None
-        raise CheckpointError(f"checkpoint {path} has schema_version {found}, expected {SCHEMA_VERSION}")
+        reason = f"schema_version {found}, expected {SCHEMA_VERSION}"
+        err = CheckpointError(f"checkpoint {path} has {reason}")
+        err.reason = reason
+        raise err
     return state
 
 
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
-    path = checkpoint_dir(run_dir) / "latest.pt"
+    path = checkpoint_dir(run_dir) / LATEST
     return path if path.exists() else None
+
+
+@dataclass
+class Resumable:
+    """The checkpoint a run resumes from, and why each newer candidate was passed over."""
+
+    path: Path
+    state: dict
+    passed_over: list[tuple[Path, str]] = field(default_factory=list)   # (file, reason), newest first
+
+
+def _listing(failures: list[tuple[Path, str]]) -> str:
+    return "; ".join(f"{p.name}: {why}" for p, why in failures)
+
+
+def load_newest(run_dir: str | Path, map_location: str | torch.device = "cpu") -> Resumable | None:
+    """The newest checkpoint of `run_dir` that loads; None when it has no checkpoint file at all.
+
+    Order: latest.pt, unless a numbered file is newer than it (then those first); else the numbered
+    files newest first. Raises CheckpointError listing every file and why when none loads.
+    """
+    ckdir = checkpoint_dir(run_dir)
+    files = checkpoint_files(run_dir)
+    if not files:
+        return None
+    numbered = list_checkpoints(run_dir)[::-1]
+    failures: list[tuple[Path, str]] = []
+    fallback: Resumable | None = None
+    try:
+        latest = load_checkpoint(ckdir / LATEST, map_location)
+    except CheckpointError as e:
+        failures.append((ckdir / LATEST, e.reason))
+    else:
+        numbered = [p for p in numbered if step_of(p) > int(latest["step"])]
+        fallback = Resumable(ckdir / LATEST, latest)
+        if not numbered:
+            return fallback
+    for path in numbered:
+        try:
+            state = load_checkpoint(path, map_location)
+        except CheckpointError as e:
+            failures.append((path, e.reason))
+            continue
+        return Resumable(path, state, failures)
+    if fallback is not None:
+        fallback.passed_over = failures
+        return fallback
+    others = [p for p in files if p.name != LATEST and step_of(p) is None]
+    failures += [(p, "not named latest.pt or step-N.pt") for p in others]
+    raise CheckpointError(
+        f"no checkpoint in {ckdir} can be loaded ({_listing(failures)}); resume from a good copy with "
+        f"--checkpoint FILE, or start over at step 0 with --restart (moves these files to "
+        f"{ckdir}/superseded-TIME/, nothing is deleted)")
+
+
+def set_aside(paths: list[Path], run_dir: str | Path) -> Path | None:
+    """Move `paths` into checkpoints/superseded-TIME/ (never deleted); returns that folder (None: nothing moved)."""
+    paths = [Path(p) for p in paths if Path(p).exists()]
+    if not paths:
+        return None
+    base = checkpoint_dir(run_dir) / f"superseded-{time.strftime('%Y%m%d-%H%M%S')}"
+    folder, n = base, 1
+    while folder.exists():
+        n += 1
+        folder = base.with_name(f"{base.name}-{n}")
+    try:
+        folder.mkdir(parents=True)
+        for p in paths:
+            os.replace(p, folder / p.name)
+    except OSError as e:
+        raise CheckpointError(f"cannot move checkpoints into {folder}: {e.strerror or e}") from e
+    return folder
 
 
 def load_model_for_eval(run_dir: str | Path, checkpoint: str | Path | None = None, use_ema: bool = True,
                         map_location: str | torch.device = "cpu"):
-    """(model in eval mode, Config, checkpoint path) of a run dir; the EMA weights when present and asked for."""
+    """(model in eval mode, Config, checkpoint path) of a run dir; the EMA weights when present and asked for.
+
+    Without `checkpoint`, latest.pt and nothing else: when it is missing or broken the error names the
+    numbered checkpoints that exist and `--checkpoint`, which picks one.
+    """
     from hvae_dist.config import config_from_dict
     from hvae_dist.model import build_model
 
-    path = Path(checkpoint) if checkpoint else latest_checkpoint(run_dir)
-    if path is None:
-        raise CheckpointError(f"run dir {run_dir} has no checkpoints/latest.pt: train it first (hvae train --run-dir {run_dir})")
-    state = load_checkpoint(path, map_location)
+    path = Path(checkpoint) if checkpoint else checkpoint_dir(run_dir) / LATEST
+    try:
+        state = load_checkpoint(path, map_location)
+    except CheckpointError as e:
+        if checkpoint:
+            raise
+        numbered = [p.name for p in list_checkpoints(run_dir)[::-1]]
+        problem = "does not exist" if e.reason == "missing" else f"cannot be loaded: {e.reason}"
+        if not numbered:
+            raise CheckpointError(f"{path} {problem}, and {checkpoint_dir(run_dir)} has no step-N.pt: "
+                                  f"train the run first (hvae train --run-dir {run_dir})") from None
+        raise CheckpointError(f"{path} {problem}; numbered checkpoints of this run, newest first: {', '.join(numbered)}; "
+                              f"pick one with --checkpoint {checkpoint_dir(run_dir) / numbered[0]} (or resume training, "
+                              "which rewrites latest.pt)") from None
     cfg = config_from_dict(state["config"])
     model = build_model(cfg.model)
     weights = state["ema"] if (use_ema and state.get("ema") is not None) else state["model"]

@@ -4,12 +4,16 @@ A config is JSON with three sections, `model`, `data` and `train`; every key is 
 below. Presets (`fashionmnist`, `cifar10`, `tiny`) are JSON files in `hvae_dist/presets/` that
 override the defaults. `--set section.key=value` overrides one field; the value is parsed as
 JSON when it parses (numbers, true/false, null, lists) and as a plain string otherwise.
-Every error names the key, the value and what is allowed.
+Every error names the key, the value and what is allowed; every float must be finite (JSON's and
+`--set`'s Infinity / NaN are refused). Resuming a run may change every `train.*` key and the
+`data.*` keys of `RESUMABLE_DATA_KEYS` (they choose what is evaluated and where files are found,
+not what is trained).
 """
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -30,6 +34,10 @@ PRECISIONS = ("fp32", "bf16", "fp16")
 SCORE_PRECISIONS = ("fp32", "bf16")     # fp16 has no loss scaling to protect a forward-only pass
 # ZeRO-3 shards the parameters themselves; checkpoints hold the full model, so stage 3 is not offered.
 ZERO_STAGES = (0, 1, 2)
+# data.* keys a resumed run may change (with every train.* key): the validation sets, and where the same
+# datasets' files are found. The others (dataset, binarize, max_train_examples, perturb_rate) change what
+# is trained.
+RESUMABLE_DATA_KEYS = ("val_datasets", "root", "download", "num_workers")
 
 _DET_KEYS = {"block": str, "out_channels": int, "kernel_size": int, "stride": int, "weightnorm": bool,
              "gated": bool}
@@ -129,6 +137,11 @@ class TrainConfig:
     """ZeRO stage of the generated DeepSpeed config: 0, 1 or 2 (3 is refused: checkpoints hold the full model)."""
     deepspeed_config: str | None = None
     """A DeepSpeed JSON whose keys override the generated ones."""
+    channels_last: bool | None = None
+    """Convolutions in NHWC memory order (single / ddp backends; values equal up to float rounding). null:
+    on for bf16 / fp16, where oneDNN and cuDNN are fastest in NHWC, off for fp32 (benchmarks/train_throughput.py)."""
+    compile: bool = False
+    """torch.compile the forward and backward (single / ddp backends); the first steps pay the compile time."""
 
 
 @dataclass
@@ -160,8 +173,14 @@ def _check_type(key: str, value: Any, tp: Any) -> Any:
             return None
         inner = [a for a in args if a is not type(None)]
         return _check_type(key, value, inner[0])
-    if tp is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
+    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        try:
+            value = float(value)
+        except OverflowError:
+            value = math.inf
+        if not math.isfinite(value):
+            raise ConfigError(f"config key '{key}': {value!r} is not allowed; give a finite number")
+        return value
     expected = origin or tp
     ok = {
         bool: isinstance(value, bool),
@@ -318,6 +337,12 @@ def validate(cfg: Config) -> None:
     for spec in d.val_datasets:
         if not isinstance(spec, str) or spec.count(":") != 1:
             raise ConfigError(f"config key 'data.val_datasets': {spec!r} must look like NAME:SPLIT")
+    repeated = sorted({s for s in d.val_datasets if d.val_datasets.count(s) > 1})
+    if repeated:
+        raise ConfigError(f"config key 'data.val_datasets': {', '.join(repeated)} appears more than once")
+    if t.eval_every and not d.val_datasets:
+        raise ConfigError(f"config key 'data.val_datasets' is empty but train.eval_every={t.eval_every}: name at "
+                          "least one NAME:SPLIT (the first is in-distribution) or set train.eval_every=0")
     for key in ("batch_size", "max_steps", "train_samples", "checkpoint_every", "keep_last", "log_every",
                 "eval_examples", "eval_iw_samples", "max_skipped"):
         _check_positive(f"train.{key}", getattr(t, key))
@@ -325,6 +350,11 @@ def validate(cfg: Config) -> None:
                 "eval_every", "ema_decay"):
         _check_positive(f"train.{key}", getattr(t, key), allow_zero=True)
     _check_positive("train.lr", t.lr)
+    if d.max_train_examples is not None and d.max_train_examples < t.batch_size:
+        raise ConfigError(f"config key 'data.max_train_examples': {d.max_train_examples} is smaller than train.batch_size="
+                          f"{t.batch_size}: not one batch to train on")
+    if not 0 <= t.seed < 2**63:
+        raise ConfigError(f"config key 'train.seed': {t.seed!r} must be in [0, 2^63)")
     if t.ema_decay >= 1.0:
         raise ConfigError(f"config key 'train.ema_decay': {t.ema_decay!r} must be in [0, 1)")
     if t.skip_threshold is not None:

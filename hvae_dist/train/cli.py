@@ -5,45 +5,129 @@ import argparse
 import json
 from pathlib import Path
 
-from hvae_dist.config import BACKENDS, PRECISIONS, Config, apply_overrides, config_from_dict, read_config_source
+from hvae_dist.config import (
+    BACKENDS,
+    PRECISIONS,
+    RESUMABLE_DATA_KEYS,
+    Config,
+    TrainConfig,
+    apply_overrides,
+    config_from_dict,
+    parse_override,
+    preset_names,
+    read_config_source,
+)
 from hvae_dist.errors import ConfigError
+
+EPILOG = f"""\
+examples:
+  hvae train --config tiny --run-dir runs/tiny                      start (or resume) a run
+  hvae train --config fashionmnist --run-dir runs/fm --set train.lr=1e-3 --set train.eval_every=0
+  hvae train --run-dir runs/fm --max-steps 200000                   resume with a new step budget
+  torchrun --nproc_per_node 2 -m hvae_dist train --config tiny --run-dir runs/ddp --backend ddp
+
+--set KEY=VALUE overrides one config field, KEY = section.field (sections model, data, train; every field
+and its default: hvae_dist/config.py). VALUE is parsed as JSON when it parses, else taken as a string:
+  --set train.lr=1e-3   --set train.max_minutes=null   --set 'data.val_datasets=["FashionMNIST:validation","MNIST:test"]'
+Floats must be finite (Infinity / NaN are refused).
+
+Resuming: re-running with an existing DIR continues from its newest checkpoint that loads (latest.pt,
+else the numbered step-N.pt newest first, with a warning naming the files passed over). Every train.*
+field and data.{{{','.join(RESUMABLE_DATA_KEYS)}}} may change on resume; the other model.* and data.*
+fields must stay as in DIR/config.json (start a new --run-dir to change them). A run already at or past
+--max-steps stops at once and writes nothing. Files that a resume from an older checkpoint (--checkpoint,
+or a fallback past broken files) would contradict are moved to DIR/checkpoints/superseded-TIME/, never
+deleted. One trainer per DIR: a second one exits with an error naming the holder (DIR/.lock).
+Presets: {', '.join(preset_names())}.
+"""
+
+
+def _preset_defaults(key: str) -> str:
+    """The default of train.`key` per preset, for the help: "'single' in every preset" or "tiny 20000, ..."."""
+    fallback = getattr(TrainConfig(), key)
+    values = {name: read_config_source(name).get("train", {}).get(key, fallback) for name in preset_names()}
+    if len(set(map(str, values.values()))) == 1:
+        return f"{next(iter(values.values()))!r} in every preset"
+    return ", ".join(f"{name} {value}" for name, value in values.items())
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Keeps the epilog's line breaks (its examples); the help texts state their defaults themselves."""
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", default=None,
-                   help="preset (fashionmnist, cifar10, tiny) or JSON file; optional when resuming DIR")
-    p.add_argument("--run-dir", required=True, help="run directory; an existing one is resumed")
-    p.add_argument("--backend", choices=BACKENDS, default=None, help="overrides train.backend")
-    p.add_argument("--precision", choices=PRECISIONS, default=None, help="overrides train.precision")
-    p.add_argument("--max-steps", type=int, default=None, help="overrides train.max_steps")
+    # `hvae submit train|pipeline` shares these options but runs a job that cannot take the one-off
+    # recovery flags (a requeued job would --restart again each time), nor this command's examples.
+    standalone = "submit" not in p.prog.split()
+    if standalone:
+        p.formatter_class, p.epilog = _HelpFormatter, EPILOG
+    p.add_argument("--config", default=None, metavar="PRESET|FILE",
+                   help=f"preset ({', '.join(preset_names())}) or JSON file; required for a new run, optional when "
+                        "resuming DIR (default: DIR/config.json)")
+    p.add_argument("--run-dir", required=True, metavar="DIR", help="run directory; an existing one is resumed")
+    p.add_argument("--backend", choices=BACKENDS, default=None,
+                   help=f"overrides train.backend (default: the config's; {_preset_defaults('backend')})")
+    p.add_argument("--precision", choices=PRECISIONS, default=None,
+                   help=f"overrides train.precision (default: the config's; {_preset_defaults('precision')})")
+    p.add_argument("--max-steps", type=int, default=None, metavar="N",
+                   help=f"overrides train.max_steps (default: the config's; {_preset_defaults('max_steps')})")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config field, e.g. --set train.lr=1e-3 (repeatable)")
+                   help="override a config field, e.g. --set train.lr=1e-3 (repeatable; default: none)")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="progress bar (default: when stderr is a terminal)")
+    if standalone:
+        g = p.add_mutually_exclusive_group()
+        g.add_argument("--checkpoint", default=None, metavar="FILE",
+                       help="resume from this checkpoint file instead of DIR's newest (default: the newest that "
+                            "loads); newer checkpoint files of DIR are moved to DIR/checkpoints/superseded-TIME/")
+        g.add_argument("--restart", action="store_true",
+                       help="start over at step 0 although DIR has checkpoints; they are moved to "
+                            "DIR/checkpoints/superseded-TIME/, not deleted (default: off; without it a DIR whose "
+                            "checkpoints all fail to load is refused)")
+
+
+def _read_saved_config(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ConfigError(f"{path} cannot be read as JSON ({e}); restore it, or give the run's --config and --set "
+                          "again to rewrite it") from None
+    if not isinstance(data, dict) or not all(isinstance(data.get(k), dict) for k in ("model", "data", "train")):
+        raise ConfigError(f"{path} is not a run config (an object with model, data and train sections)")
+    return data
+
+
+def _resumable(item: str) -> bool:
+    """True for a --set that may change on resume: train.*, data.<RESUMABLE_DATA_KEYS>."""
+    (section, key), _ = parse_override(item)
+    return section == "train" or (section == "data" and key in RESUMABLE_DATA_KEYS)
 
 
 def resolve_config(args: argparse.Namespace) -> Config:
-    """The run's config: DIR/config.json when resuming (only train.* may change), else --config + overrides."""
+    """The run's config: DIR/config.json when resuming (only train.* and data.RESUMABLE_DATA_KEYS may change),
+    else --config + overrides."""
     overrides = list(args.overrides)
     for flag, key in (("backend", "backend"), ("precision", "precision"), ("max_steps", "max_steps")):
         if getattr(args, flag) is not None:
             overrides.append(f"train.{key}={json.dumps(getattr(args, flag))}")
     saved = Path(args.run_dir) / "config.json"
     if saved.exists():
-        base = json.loads(saved.read_text())
+        base = _read_saved_config(saved)
         # The command that started a run must resume it (SLURM requeues re-run the same command line):
         # --config and model.* / data.* overrides may be repeated, but must not change the stored values.
         requested = config_from_dict(apply_overrides(read_config_source(args.config) if args.config else base,
                                                      overrides)).to_dict()
         for section in ("model", "data"):
             changed = sorted(k for k in base[section].keys() | requested[section].keys()
-                             if k != "input_shape" and base[section].get(k) != requested[section].get(k))
+                             if k != "input_shape" and base[section].get(k) != requested[section].get(k)
+                             and not (section == "data" and k in RESUMABLE_DATA_KEYS))
             if changed:
                 given = f"--config {args.config} with --set" if args.config else "--set"
                 raise ConfigError(f"cannot change {', '.join(f'{section}.{k}' for k in changed)} when resuming "
-                                  f"{args.run_dir} ({given} differs from {saved}): only train.* settings may change; "
-                                  "resume with the run's own settings, or start a new --run-dir")
-        return config_from_dict(apply_overrides(base, [o for o in overrides if o.strip().startswith("train.")]))
+                                  f"{args.run_dir} ({given} differs from {saved}): only train.* and "
+                                  f"data.{{{','.join(RESUMABLE_DATA_KEYS)}}} may change; resume with the run's own "
+                                  "settings, or start a new --run-dir")
+        return config_from_dict(apply_overrides(base, [o for o in overrides if _resumable(o)]))
     if args.config is None:
         raise ConfigError(f"{args.run_dir} has no config.json: give --config PRESET|FILE to start a new run")
     return config_from_dict(apply_overrides(read_config_source(args.config), overrides))
@@ -53,5 +137,6 @@ def run(args: argparse.Namespace) -> int:
     from hvae_dist.train.runner import run_training
 
     cfg = resolve_config(args)
-    run_training(cfg, args.run_dir, args.progress)
+    run_training(cfg, args.run_dir, args.progress, checkpoint=getattr(args, "checkpoint", None),
+                 restart=getattr(args, "restart", False))
     return 0

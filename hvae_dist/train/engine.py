@@ -20,11 +20,22 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from hvae_dist.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from hvae_dist.checkpoint import (
+    LATEST,
+    atomic_write,
+    checkpoint_dir,
+    checkpoint_files,
+    list_checkpoints,
+    load_checkpoint,
+    load_newest,
+    save_checkpoint,
+    set_aside,
+    step_of,
+)
 from hvae_dist.config import Config
 from hvae_dist.data import get_dataset, parse_dataset_spec, perturb, preprocess_batch
 from hvae_dist.distributed import World, all_reduce_mean
-from hvae_dist.errors import ConfigError, TrainingDivergedError
+from hvae_dist.errors import ConfigError, DatasetUnavailableError, TrainingDivergedError
 from hvae_dist.model import HierarchicalVAE, build_model
 from hvae_dist.objectives import bits_per_dim, elbo_loss, free_nats_at, kl_warmup_beta
 from hvae_dist.train.backends import Backend, make_backend
@@ -84,6 +95,8 @@ class Trainer:
             cfg.model = replace(cfg.model, input_shape=list(self.train_set.shape))
         elif list(cfg.model.input_shape) != list(self.train_set.shape):
             raise ConfigError(f"model.input_shape={cfg.model.input_shape} but {name} images are {list(self.train_set.shape)}")
+        if t.eval_every:
+            self._check_val_datasets()
         torch.manual_seed(t.seed)  # parameter init is identical on every rank
         model = build_model(cfg.model)
         self.backend: Backend = make_backend(model, t, world, device)
@@ -139,13 +152,76 @@ class Trainer:
             log.info("saved checkpoint %s", path)
         return path
 
-    def maybe_resume(self) -> bool:
-        path = latest_checkpoint(self.run_dir)
-        if path is None:
+    def maybe_resume(self, checkpoint: str | Path | None = None, restart: bool = False) -> bool:
+        """Load the checkpoint to continue from; False when the run starts at step 0.
+
+        Default: the newest checkpoint of the run dir that loads (`checkpoint.load_newest`), with a warning
+        naming it and why each newer file was passed over; when the run dir holds checkpoint files but none
+        loads, CheckpointError lists them (a run never silently starts over). `checkpoint`: resume from that
+        file. `restart`: start at step 0 and move the run's checkpoints aside. Before training on from step
+        S, every file that would mix another history into this one (a numbered file newer than S, latest.pt
+        when it is not S's, an unreadable newer file) is moved to checkpoints/superseded-TIME/, so that
+        latest.pt and the keep_last pruning only ever see this run's files.
+        """
+        if restart:
+            self._set_aside(checkpoint_files(self.run_dir), "--restart: starting over at step 0")
             return False
-        self.load_state_dict(load_checkpoint(path, map_location=self.device))
-        log.info("resumed from %s at step %d", path, self.step)
+        ckdir = checkpoint_dir(self.run_dir)
+        if checkpoint is not None:
+            path, passed_over = Path(checkpoint), []
+            state = load_checkpoint(path, map_location=self.device)
+        else:
+            found = load_newest(self.run_dir, map_location=self.device)
+            if found is None:
+                return False
+            path, state, passed_over = found.path, found.state, found.passed_over
+        self.load_state_dict(state)
+        del state
+        if passed_over and self.world.is_main:
+            log.warning("resuming from %s (step %d), the newest checkpoint that loads; passed over: %s", path, self.step,
+                        "; ".join(f"{p.name}: {why}" for p, why in passed_over))
+        if self.world.is_main:
+            log.info("resumed from %s at step %d", path, self.step)
+        if self.step >= self.cfg.train.max_steps:
+            return True   # fit() stops at once and writes nothing: nothing needs to move
+        own = path.resolve()
+        stale = [p for p, _ in passed_over]
+        if checkpoint is not None:
+            stale += [p for p in list_checkpoints(self.run_dir) if step_of(p) > self.step]
+            if (ckdir / LATEST).exists() and (ckdir / LATEST).resolve() != own:
+                stale.append(ckdir / LATEST)
+        self._set_aside([p for p in stale if p.exists() and p.resolve() != own],
+                        f"continuing from step {self.step} of {path}")
         return True
+
+    def _set_aside(self, paths: list[Path], why: str) -> None:
+        """Rank 0 moves `paths` to checkpoints/superseded-TIME/ once every rank has read its checkpoint."""
+        if self.world.distributed:
+            torch.distributed.barrier()
+        if self.world.is_main and paths:
+            folder = set_aside(paths, self.run_dir)
+            log.warning("%s: moved %s to %s (nothing is deleted)", why, ", ".join(p.name for p in paths), folder)
+
+    def _check_val_datasets(self) -> None:
+        """Every data.val_datasets entry names a dataset that loads here, with the training images' shape.
+
+        Checked when the run starts: a bad entry found at the first evaluation would stop a run after its
+        training. data.val_datasets may change on resume, so the message says how to fix it. (An empty list
+        with evaluation on is refused by config validation.)
+        """
+        d = self.cfg.data
+        fix = ("fix it with --set 'data.val_datasets=[\"NAME:SPLIT\", ...]' (may change on resume) or turn "
+               "evaluation off with --set train.eval_every=0")
+        for spec in d.val_datasets:
+            try:
+                name, split = parse_dataset_spec(spec)
+                shape = get_dataset(name, split, d.root, d.download, 1).shape
+            except (ConfigError, DatasetUnavailableError) as e:
+                why = " ".join(line.strip() for line in str(e).splitlines() if line.strip())   # one line
+                raise type(e)(f"config key 'data.val_datasets': {spec!r}: {why}; {fix}") from None
+            if list(shape) != list(self.train_set.shape):
+                raise ConfigError(f"config key 'data.val_datasets': {spec!r} has images of shape {list(shape)} but the "
+                                  f"model is trained on {d.dataset} images of shape {list(self.train_set.shape)}; {fix}")
 
     # ----- data and noise -----
     def _permutation(self, epoch: int) -> torch.Tensor:
@@ -240,10 +316,19 @@ class Trainer:
     def fit(self, max_steps: int | None = None) -> dict:
         """Train until `max_steps` (default train.max_steps), the time budget, or a stop signal.
 
-        Returns {"step", "reason"} with reason in finished | time | signal.
+        Returns {"step", "reason"} with reason in finished | time | signal | already done (the run was at or
+        past max_steps: nothing trained, nothing written).
         """
         t = self.cfg.train
         max_steps = max_steps if max_steps is not None else t.max_steps
+        if self.step >= max_steps:
+            # Saving here would write this step's model as latest.pt again and, below an older run's step, let
+            # the keep_last pruning delete newer files: stop with nothing written.
+            if self.world.is_main:
+                (log.info if self.step == max_steps else log.warning)(
+                    "the run is at step %d and max_steps is %d: nothing to train, no checkpoint written "
+                    "(give --max-steps above %d to train on)", self.step, max_steps, self.step)
+            return {"step": self.step, "reason": "already done"}
         start_time, reason = time.monotonic(), "finished"
         last_t, last_step = time.perf_counter(), self.step
         if self.monitor is not None:
@@ -287,4 +372,5 @@ class Trainer:
     def write_config(self) -> None:
         if self.world.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "config.json").write_text(json.dumps(self.cfg.to_dict(), indent=2))
+            text = json.dumps(self.cfg.to_dict(), indent=2).encode()
+            atomic_write(self.run_dir / "config.json", lambda f: f.write(text), "config")

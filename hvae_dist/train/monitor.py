@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -14,20 +15,39 @@ from hvae_dist.train.evaluate import evaluate
 log = logging.getLogger("hvae_dist.train")
 
 
+class _StderrHandler(logging.StreamHandler):
+    """A StreamHandler that writes to whatever sys.stderr is when it logs (tests and notebooks replace it)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value) -> None:
+        pass
+
+
 def setup_logging(run_dir: Path, is_main: bool) -> None:
-    """Log to stderr and DIR/train.log (rank 0); other ranks log warnings only."""
+    """Log to stderr and DIR/train.log (rank 0); other ranks log warnings only.
+
+    Called again in the same process (a second run, tests), it swaps its train.log handler for the new
+    run dir's instead of logging into the first run's file.
+    """
     root = logging.getLogger("hvae_dist")
     root.setLevel(logging.INFO if is_main else logging.WARNING)
-    if root.handlers:
-        return
     fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s")
-    stream = logging.StreamHandler(sys.stderr)
-    stream.setFormatter(fmt)
-    root.addHandler(stream)
+    if not root.handlers:
+        stream = _StderrHandler()
+        stream.setFormatter(fmt)
+        root.addHandler(stream)
+    for old in [h for h in root.handlers if getattr(h, "_hvae_run_log", False)]:
+        root.removeHandler(old)
+        old.close()
     if is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         fh = logging.FileHandler(run_dir / "train.log")
         fh.setFormatter(fmt)
+        fh._hvae_run_log = True
         root.addHandler(fh)
 
 
@@ -84,7 +104,15 @@ class Monitor:
         """Validation scalars of `model` and image grids (prior samples; reconstructions of `batch`, model input)."""
         if not self.is_main:
             return
-        for key, value in evaluate(model, cfg, self.device).items():
+        t = cfg.train
+        # Logged, not only sent to TensorBoard: without a terminal (SLURM logs) train.log shows the evaluation.
+        log.info("step %d: evaluating %s (%d examples each, %d importance samples)", step,
+                 ", ".join(cfg.data.val_datasets), t.eval_examples, t.eval_iw_samples)
+        start = time.perf_counter()
+        results = evaluate(model, cfg, self.device)
+        log.info("step %d: validation (%.1f s): %s", step, time.perf_counter() - start,
+                 "  ".join(f"{key.removeprefix('val/')} {value:.4g}" for key, value in results.items()))
+        for key, value in results.items():
             self.writer.add_scalar(key, value, step)
         self.write_images(step, model, cfg.train.seed, batch)
         self.writer.flush()
