@@ -43,9 +43,14 @@ class FileLock:
             who = f"process {holder[1]} on host {holder[0]}" if len(holder) == 2 else "another process"
             raise LockedError(f"{self.what} is in use by {who} (lock {self.path}); wait for it to finish or stop "
                               "it. A lock of a process that died is released automatically") from None
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{socket.gethostname()} {os.getpid()}\n".encode())
-        os.fsync(fd)
+        try:
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{socket.gethostname()} {os.getpid()}\n".encode())
+            os.fsync(fd)
+        except OSError:   # e.g. a full disk: do not keep holding a lock that names nobody
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
+            raise
         self._fd = fd
         return self
 
