@@ -115,6 +115,7 @@ class Monitor:
         for key, value in results.items():
             self.writer.add_scalar(key, value, step)
         self.write_images(step, model, cfg.train.seed, batch)
+        self.write_layer_grid(step, model, cfg)
         self.writer.flush()
 
     @torch.no_grad()
@@ -127,6 +128,21 @@ class Monitor:
         recon = model.reconstruct(x)
         pairs = torch.stack([x.float(), recon.float()], dim=1).flatten(0, 1)
         self.writer.add_image("samples/reconstructions", make_grid(pairs.cpu(), nrow=8), step)
+
+    @torch.no_grad()
+    def write_layer_grid(self, step: int, model: HierarchicalVAE, cfg: Config, examples: int = 4) -> None:
+        """The `hvae visualize` grid (the L>k decodes and prior samples) of the first examples of every
+        validation set, as the TensorBoard image `visualize/reconstructions`."""
+        from hvae_dist.data import get_dataset, parse_dataset_spec
+        from hvae_dist.score.layout import group_name
+        from hvae_dist.score.reconstructions import reconstruction_grid
+
+        images = {}
+        for spec in cfg.data.val_datasets:
+            name, split = parse_dataset_spec(spec)
+            images[group_name(f"{name}:{split}")] = get_dataset(name, split, cfg.data.root, False, examples).images
+        grid = reconstruction_grid(model, images, cfg.data.binarize, cfg.train.seed, device=self.device)
+        self.writer.add_image("visualize/reconstructions", grid.image, step)
 
     def flush(self) -> None:
         """Write queued events to disk (before each checkpoint, so that a resume loses none of its steps)."""

@@ -93,9 +93,10 @@ def test_tensorboard_has_train_val_perf_scalars_and_sample_images(tmp_path):
                                    "lr", "beta", "free_nats", "images_per_s_total", "images_per_s_per_rank")}
     want |= {f"train/kl/layer{i}" for i in (1, 2, 3)} | {"perf/peak_memory_mb"}
     for tag in ("FashionMNIST_validation", "MNIST_validation"):
-        want |= {f"val/{tag}/elbo", f"val/{tag}/bpd", f"val/{tag}/llr1"}
+        want |= {f"val/{tag}/elbo", f"val/{tag}/bpd", f"val/{tag}/llr1", f"val/{tag}/llr2"}
     want |= {f"val/active_units/layer{i}" for i in (1, 2, 3)}
-    want |= {"val/auroc/MNIST_validation/neg_elbo", "val/auroc/MNIST_validation/llr1"}
+    want |= {"val/auroc/MNIST_validation/neg_elbo", "val/auroc/MNIST_validation/llr1",
+             "val/auroc/MNIST_validation/llr2"}     # the AUROC of LLR>k for every k, as the paper's training script
     assert want <= scalars, f"missing: {sorted(want - scalars)}"
     for tag in want:
         values = acc.Scalars(tag)
@@ -107,7 +108,11 @@ def test_tensorboard_has_train_val_perf_scalars_and_sample_images(tmp_path):
     assert [e.value for e in acc.Scalars("train/lr")] == pytest.approx([trainer.cfg.train.lr] * 4)
     assert acc.Scalars("train/images_per_s_total")[-1].value > 0
     images = acc.Tags()["images"]
-    assert set(images) >= {"samples/prior", "samples/reconstructions"}
+    assert set(images) >= {"samples/prior", "samples/reconstructions", "visualize/reconstructions"}
+    # The hvae visualize grid: 4 examples of each of the 2 validation sets, input + 3 L>k decodes + 3 temperatures.
+    grid = acc.Images("visualize/reconstructions")
+    assert [e.step for e in grid] == [2, 4]
+    assert (grid[0].height, grid[0].width) == (2 + 8 * 30, 2 + 7 * 30)
     for tag in ("samples/prior", "samples/reconstructions"):
         shots = acc.Images(tag)
         assert [e.step for e in shots] == [2, 4] and shots[-1].width > 28 and shots[-1].height > 28
