@@ -1,10 +1,10 @@
 """Validation during training: IW ELBO and L>1 on the validation sets, LLR>1 AUROC, active units.
 
 The bounds come from the scorer of `hvae score` (same deterministic noise), on the first
-`train.eval_examples` examples of each set with `train.eval_iw_samples` samples. Batches and chunks
-are the scorer's device defaults (`score.scorer.default_batch_size`, sample_chunk "auto": about
-`rows_per_pass(device)` rows of examples x samples per forward pass), so memory stays flat in the number
-of samples; the values do not depend on them.
+`train.eval_examples` examples of each set with `train.eval_iw_samples` samples, in batches of 128
+examples whose samples are streamed so that at most ROWS_PER_PASS[device] rows (examples x samples) go
+through one forward pass: memory stays flat in the number of samples, and the values do not depend on
+the batch or the chunk.
 """
 from __future__ import annotations
 
@@ -18,7 +18,20 @@ from hvae_dist.data import get_dataset, parse_dataset_spec
 from hvae_dist.model import HierarchicalVAE
 from hvae_dist.objectives import bits_per_dim
 from hvae_dist.score.layout import group_name
-from hvae_dist.score.scorer import IWScorer, ScoreSettings, default_batch_size
+from hvae_dist.score.scorer import IWScorer, ScoreSettings
+
+ROWS_PER_PASS = {"cpu": 1024, "cuda": 8192}
+"""Rows per forward pass of an evaluation, by device type (others: the CPU's). It was 128 x eval_iw_samples:
+the fashionmnist preset's 12,800 rows took 15 GB. Measured for that model on 2 busy cores (2 x 128 examples,
+10 samples): 64 rows per pass (batch 16, the scorer's CPU default) 184 s, 128 rows 130 s, 512 rows 112 s,
+1,280 rows 94 s, so the CPU budget is large enough to stay fast and bounds the memory at about 2 GB."""
+BATCH_SIZE = 128
+
+
+def sample_chunk_for(batch_size: int, iw_samples: int, device: torch.device) -> int:
+    """Samples per example in one pass: batch_size x chunk <= ROWS_PER_PASS of the device (at least 1)."""
+    rows = ROWS_PER_PASS.get(torch.device(device).type, ROWS_PER_PASS["cpu"])
+    return max(1, min(iw_samples, rows // max(1, batch_size)))
 
 
 def active_units(posterior_means: list[torch.Tensor], threshold: float = 0.01) -> list[int]:
@@ -33,17 +46,16 @@ def auroc(neg: np.ndarray, pos: np.ndarray) -> float:
 
 
 @torch.inference_mode()
-def evaluate(model: HierarchicalVAE, cfg: Config, device: torch.device, batch_size: int | None = None,
-             sample_chunk: int | str = "auto") -> dict:
+def evaluate(model: HierarchicalVAE, cfg: Config, device: torch.device, batch_size: int = BATCH_SIZE,
+             sample_chunk: int | None = None) -> dict:
     """Scalars for TensorBoard: per validation set ELBO / bpd / LLR>k for every k, and the AUROCs of -ELBO and of
     LLR>k for every k of each OOD set against the first set, on equal-size subsamples (the first n rows of
     both, n the smaller size: an AUROC does not depend on the class balance, but its noise does).
 
-    `batch_size` (default: the scorer's for `device`) and `sample_chunk` change memory and speed, not the
-    values. (It was sample_chunk = eval_iw_samples: the fashionmnist preset put 128 x 100 = 12,800 rows
-    through one pass, 15 GB.)
+    `batch_size` and `sample_chunk` (default: sample_chunk_for the device) change memory and speed, not the
+    values.
     """
-    batch_size = batch_size or default_batch_size(device)
+    sample_chunk = sample_chunk or sample_chunk_for(batch_size, cfg.train.eval_iw_samples, device)
     t = cfg.train
     ks = list(range(1, model.num_layers))
     num_dims = math.prod(model.input_shape)

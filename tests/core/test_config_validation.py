@@ -70,10 +70,11 @@ def test_no_validation_sets_are_fine_without_evaluation():
 
 @pytest.mark.parametrize("name", ["fashionmnist", "cifar10"])
 def test_paper_presets_evaluate_in_well_under_the_time_between_evaluations(name):
-    """One evaluation costs sets x examples x (ELBO + L>1 samples) forward passes of one example; the
-    training between two of them eval_every x batch_size x (forward + backward, about 3 forwards)."""
+    """One evaluation costs sets x examples x bounds (ELBO and L>k, k = 1..L-1) x samples forward passes of one
+    example; the training between two of them eval_every x batch_size x (forward + backward, about 3 forwards)."""
     cfg = config_from_dict(read_config_source(name))
     t = cfg.train
-    evaluation = len(cfg.data.val_datasets) * t.eval_examples * 2 * t.eval_iw_samples
+    bounds = len(cfg.model.config_stochastic)
+    evaluation = len(cfg.data.val_datasets) * t.eval_examples * bounds * t.eval_iw_samples
     training = t.eval_every * t.batch_size * 3
     assert evaluation < 0.05 * training, (evaluation, training)

@@ -294,10 +294,9 @@ def _small_model(**settings):
 
 def test_evaluation_bounds_the_rows_per_pass(monkeypatch):
     """Before: sample_chunk = eval_iw_samples, so a pass held batch x S rows (the fashionmnist preset: 128 x 100 =
-    12,800 rows, 15 GB). Now the scorer's rows per pass for the device, whatever S."""
-    from hvae_dist.score.scorer import default_batch_size, rows_per_pass
-    from hvae_dist.train.evaluate import evaluate
-    model, cfg = _small_model(train__eval_examples=32, train__eval_iw_samples=100)
+    12,800 rows, 15 GB). Now at most ROWS_PER_PASS of the device, whatever S."""
+    from hvae_dist.train.evaluate import ROWS_PER_PASS, evaluate, sample_chunk_for
+    model, cfg = _small_model(train__eval_examples=64, train__eval_iw_samples=100)
     rows: list[int] = []
     forward = model.forward
 
@@ -307,9 +306,10 @@ def test_evaluation_bounds_the_rows_per_pass(monkeypatch):
         return out
 
     monkeypatch.setattr(model, "forward", counting)
-    cpu = torch.device("cpu")
-    evaluate(model, cfg, cpu)
-    assert rows and max(rows) <= max(rows_per_pass(cpu), default_batch_size(cpu)) < 32 * 100
+    evaluate(model, cfg, torch.device("cpu"), batch_size=64)
+    assert rows and max(rows) <= ROWS_PER_PASS["cpu"] < 64 * 100
+    assert sample_chunk_for(128, 100, torch.device("cpu")) == ROWS_PER_PASS["cpu"] // 128
+    assert sample_chunk_for(128, 4, torch.device("cpu")) == 4 and sample_chunk_for(4096, 100, torch.device("cpu")) == 1
 
 
 def test_evaluation_values_do_not_depend_on_the_rows_per_pass():
