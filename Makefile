@@ -7,7 +7,7 @@ MARKERS ?= not slow
 PYTEST_ARGS ?=
 FASHION_MNIST_DIR := /usr/share/datasets/fashion-mnist
 
-.PHONY: venv data lint test test-all test-slurm demo bench clean
+.PHONY: venv data lint test test-all test-slurm demo bench bench-tiny gpu-check clean
 
 venv: $(VENV)/.installed
 
@@ -48,10 +48,22 @@ test-slurm: venv data
 demo: venv data
 	$(VENV)/bin/hvae demo
 
+# The paper's presets (train: ~5 min, score at S=1000: ~5-10 min on 2 cores) and the fused DMoL kernel; each
+# prints ratios against a baseline measured in the same run. bench-tiny: the tiny preset (DDP, memory flat in S).
 bench: venv
 	$(PY) benchmarks/dmol.py
+	$(PY) benchmarks/train_presets.py
+	$(PY) benchmarks/train_presets.py --preset cifar10 --batch-size 16 --steps 1 --repeats 3 --examples 512
+	$(PY) benchmarks/score_presets.py
+
+bench-tiny: venv
 	$(PY) benchmarks/train_throughput.py
 	$(PY) benchmarks/score_throughput.py
+
+# Needs a GPU (exits 2 with a message without one): CUDA DMoL, CUDA tests, training fp32/bf16/fp16, NCCL DDP
+# (2+ GPUs), scoring at S=1000, the DMoL benchmark; one table, under 5 minutes on one GPU.
+gpu-check: venv
+	$(PY) benchmarks/gpu_check.py
 
 clean:
 	rm -rf build .pytest_cache runs/demo

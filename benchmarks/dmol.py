@@ -2,24 +2,31 @@
 
 For B in (32, 128), x (B, 3, 32, 32), M = 10, float32 params, torch.set_num_threads(2) (override with
 --threads / --batch):
-  * time of forward (no grad) and forward + backward: wall-clock and process CPU time (all threads), each
-    the best of --repeats after a warm-up (on a loaded machine the CPU time is the steadier measure of the
-    work; speed-ups are given for both);
+  * time of forward (no grad) and forward + backward: wall-clock and process CPU time (all threads), the
+    median of --repeats after a warm-up, the reference and the fused kernel interleaved repetition by
+    repetition so that both see the same machine load (on a loaded machine the CPU time is the steadier
+    measure of the work; speed-ups are given for both). With a gradient the fused kernel runs its one-pass
+    forward + gradient and the backward only scales the gradient (hvae_dist/kernels/fused.py);
   * peak extra memory of one forward + backward: each measurement runs in a fresh subprocess with glibc's
     mmap threshold pinned (MALLOC_MMAP_THRESHOLD_=65536, so every tensor buffer is its own mapping and
     freeing it returns it to the OS); after a warm-up call, the kernel's peak-RSS counter is reset
     (/proc/self/clear_refs = 5) and the peak RSS (VmHWM) of the measured call minus the RSS before it is
     reported, next to the size of the gradient tensor it must at least hold;
-  * achieved memory bandwidth of the fused kernel (bytes it must move: params read once forward, params
-    read + grad written backward) as a fraction of a large tensor copy's bandwidth measured in this run.
+  * achieved memory bandwidth of the fused kernel (the least bytes it must move: params read once forward;
+    params read + grad written + grad scaled in place for forward + backward) as a fraction of a large
+    tensor copy's bandwidth measured in this run.
 
-Usage: python benchmarks/dmol.py [--batch 32 128] [--threads 2] [--repeats 5]
+With --device cuda the CUDA kernel is measured the same way (timings synchronised; peak extra memory from
+torch.cuda.max_memory_allocated; bandwidth against a device copy).
+
+Usage: python benchmarks/dmol.py [--batch 32 128] [--threads 2] [--repeats 5] [--device cpu]
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -50,27 +57,42 @@ def run_once(fn, x: torch.Tensor, params: torch.Tensor, backward: bool) -> None:
             fn(x, params)
 
 
-def best_time(fn, x, params, backward: bool, repeats: int) -> tuple[float, float]:
-    """(wall seconds, CPU seconds of all threads), each the minimum over the repeats."""
-    run_once(fn, x, params, backward)                                  # warm-up
-    walls, cpus = [], []
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def interleaved_times(x, params, repeats: int) -> dict:
+    """{(impl, backward): (wall seconds, CPU seconds of all threads)}, medians over the repeats; every
+    repetition runs each (impl, backward) once, in turn, so that the implementations share the load."""
+    cases = [(impl, bwd) for impl in IMPLS for bwd in (False, True)]
+    for impl, bwd in cases:
+        run_once(IMPLS[impl], x, params, bwd)                          # warm-up
+    walls: dict = {c: [] for c in cases}
+    cpus: dict = {c: [] for c in cases}
     for _ in range(repeats):
-        t0, c0 = time.perf_counter(), time.process_time()
-        run_once(fn, x, params, backward)
-        walls.append(time.perf_counter() - t0)
-        cpus.append(time.process_time() - c0)
-    return min(walls), min(cpus)
+        for impl, bwd in cases:
+            _sync(params.device)
+            t0, c0 = time.perf_counter(), time.process_time()
+            run_once(IMPLS[impl], x, params, bwd)
+            _sync(params.device)
+            walls[(impl, bwd)].append(time.perf_counter() - t0)
+            cpus[(impl, bwd)].append(time.process_time() - c0)
+    return {c: (statistics.median(walls[c]), statistics.median(cpus[c])) for c in cases}
 
 
-def copy_bandwidth(repeats: int) -> float:
+def copy_bandwidth(repeats: int, device: torch.device | str = "cpu") -> float:
     """Bytes/s of dst.copy_(src) on 256 MiB float32 tensors (read + write counted)."""
-    src = torch.randn(64 * 2 ** 20)
+    device = torch.device(device)
+    src = torch.randn(64 * 2 ** 20, device=device)
     dst = torch.empty_like(src)
     dst.copy_(src)
     times = []
     for _ in range(repeats):
+        _sync(device)
         t0 = time.perf_counter()
         dst.copy_(src)
+        _sync(device)
         times.append(time.perf_counter() - t0)
     return 2 * src.numel() * 4 / min(times)
 
@@ -99,6 +121,19 @@ def measure_memory_child(impl: str, b: int, threads: int) -> dict:
     return {"peak_extra_bytes": (peak - before) * 1024, "grad_bytes": params.grad.numel() * 4}
 
 
+def measure_memory_cuda(impl: str, x: torch.Tensor, params: torch.Tensor) -> dict:
+    """On a GPU: the allocator's peak above what was allocated before one forward + backward."""
+    fn = IMPLS[impl]
+    run_once(fn, x, params, True)
+    params.grad = None
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    run_once(fn, x, params, True)
+    torch.cuda.synchronize()
+    return {"peak_extra_bytes": torch.cuda.max_memory_allocated() - before, "grad_bytes": params.grad.numel() * 4}
+
+
 def measure_memory(impl: str, b: int, threads: int) -> dict:
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
     out = subprocess.run([sys.executable, __file__, "--memory-child", impl, str(b), "--threads", str(threads)],
@@ -111,6 +146,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, nargs="+", default=[32, 128])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--device", default="cpu", help="cpu, or cuda (the CUDA kernel; memory from torch.cuda)")
     ap.add_argument("--memory-child", nargs=2, metavar=("IMPL", "B"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.memory_child:
@@ -118,22 +154,28 @@ def main() -> None:
         return
 
     torch.set_num_threads(args.threads)
-    load_extension("cpu")
-    bw = copy_bandwidth(args.repeats)
-    print(f"# torch {torch.__version__}, {args.threads} threads, x (B, {C}, {H}, {W}), M = {M}, float32")
+    device = torch.device(args.device)
+    load_extension(device.type)
+    bw = copy_bandwidth(args.repeats, device)
+    print(f"# torch {torch.__version__}, device {device}, {args.threads} threads, x (B, {C}, {H}, {W}), M = {M}, "
+          f"float32; medians of {args.repeats} interleaved repeats; load average {os.getloadavg()[0]:.1f} on "
+          f"{os.cpu_count()} CPUs")
     print(f"# large-copy bandwidth: {bw / 1e9:.1f} GB/s")
     print("| B | impl | fwd ms | fwd+bwd ms | fwd CPU ms | fwd+bwd CPU ms | peak extra MiB (fwd+bwd) | grad MiB "
           "| peak / grad |")
     print("|---|---|---|---|---|---|---|---|---|")
     summary = []
     for b in args.batch:
-        x, params = make_inputs(b)
+        x, params = (t.to(device) for t in make_inputs(b))
         params.requires_grad_()
         res = {}
-        for impl, fn in IMPLS.items():
-            fwd = best_time(fn, x, params, False, args.repeats)
-            fb = best_time(fn, x, params, True, args.repeats)
-            mem = measure_memory(impl, b, args.threads)
+        times = interleaved_times(x, params, args.repeats)
+        for impl in IMPLS:
+            fwd, fb = times[(impl, False)], times[(impl, True)]
+            if device.type == "cuda":
+                mem = measure_memory_cuda(impl, x, params)
+            else:
+                mem = measure_memory(impl, b, args.threads)
             res[impl] = (fwd, fb, mem)
             mib = 2 ** 20
             print(f"| {b} | {impl} | {fwd[0] * 1e3:.1f} | {fb[0] * 1e3:.1f} | {fwd[1] * 1e3:.1f} | {fb[1] * 1e3:.1f} | "
@@ -141,7 +183,7 @@ def main() -> None:
                   f"{mem['grad_bytes'] / mib:.1f} | {mem['peak_extra_bytes'] / mem['grad_bytes']:.2f} |")
         pbytes = params.numel() * 4
         (rf, rfb, rm), (ff, ffb, fm) = res["reference"], res["fused"]
-        fwd_bw, fb_bw = pbytes / ff[0], 3 * pbytes / ffb[0]              # bytes the kernel must move
+        fwd_bw, fb_bw = pbytes / ff[0], 4 * pbytes / ffb[0]              # bytes the kernel must move
         summary.append(f"B={b}: fused speed-up wall fwd {rf[0] / ff[0]:.1f}x, fwd+bwd {rfb[0] / ffb[0]:.1f}x "
                        f"(CPU time: fwd {rf[1] / ff[1]:.1f}x, fwd+bwd {rfb[1] / ffb[1]:.1f}x); peak extra memory "
                        f"reference/fused {rm['peak_extra_bytes'] / fm['peak_extra_bytes']:.1f}x; fused bandwidth "

@@ -1,9 +1,12 @@
 """The fused DMoL likelihood: an autograd Function over a C++ (OpenMP + SIMD) / CUDA extension built on
 first use with torch.utils.cpp_extension.load (ninja).
 
-Forward writes only the per-pixel log-likelihood (B, H*W), reduced to (B,) here; backward recomputes each
-pixel's components once and writes grad_params (scaled by grad_output[b]) in one pass. Nothing of size
-M*C*H*W is ever materialised besides the gradient itself. x gets no gradient (it is data).
+Without a gradient (inference) the forward writes only the per-pixel log-likelihood (B, H*W), reduced to
+(B,) here. When float32 / float64 params need a gradient (training), the forward computes the per-pixel
+log-likelihood and its unscaled gradient d log p / d params in one pass over the components (`forward_grad`)
+and the backward only scales that gradient by grad_output[b], in place; half-precision params take the
+two-pass route (the backward recomputes each pixel and writes the scaled gradient). Either way nothing of
+size M*C*H*W is materialised besides the gradient itself. x gets no gradient (it is data).
 
 Build cache: ``$TORCH_EXTENSIONS_DIR`` when set, else ``~/.cache/hvae_dist/torch_extensions``; the
 extension name carries a hash of the sources and flags (and, for the CPU build, of this CPU's features,
@@ -106,15 +109,23 @@ def extension_kind(device: torch.device) -> str | None:
     return None
 
 
+ONE_PASS_DTYPES = (torch.float32, torch.float64)   # params dtypes of the one-pass forward + gradient
+
+
 class DmolFunction(torch.autograd.Function):
     """log p(x) per example for x (B, C, HW) in the compute dtype and params (B, K, HW), both contiguous."""
 
     @staticmethod
     def forward(ctx, x: Tensor, params: Tensor, num_mixtures: int, bits: int, ext: ModuleType) -> Tensor:
-        lp = ext.forward(x, params, num_mixtures, bits)                      # B, HW (compute dtype)
-        if ctx.needs_input_grad[1]:
-            ctx.save_for_backward(x, params, lp)
         ctx.num_mixtures, ctx.bits, ctx.ext = num_mixtures, bits, ext
+        ctx.unscaled = None
+        if not ctx.needs_input_grad[1]:
+            return ext.forward(x, params, num_mixtures, bits).sum(1)        # B
+        if params.dtype in ONE_PASS_DTYPES:
+            lp, ctx.unscaled = ext.forward_grad(x, params, num_mixtures, bits)  # B, HW; B, K, HW
+        else:
+            lp = ext.forward(x, params, num_mixtures, bits)                  # B, HW (compute dtype)
+        ctx.save_for_backward(x, params, lp)
         return lp.sum(1)                                                     # B
 
     @staticmethod
@@ -122,8 +133,15 @@ class DmolFunction(torch.autograd.Function):
     def backward(ctx, grad_out: Tensor):
         x, params, lp = ctx.saved_tensors
         g = grad_out.to(lp.dtype).contiguous()
-        grad = ctx.ext.backward(x, params, lp, g, ctx.num_mixtures, ctx.bits)  # B, K, HW (params dtype)
-        return None, grad, None, None, None
+        if params.dtype not in ONE_PASS_DTYPES:
+            grad = ctx.ext.backward(x, params, lp, g, ctx.num_mixtures, ctx.bits)  # B, K, HW (params dtype)
+            return None, grad, None, None, None
+        # The one-pass gradient, scaled in place and handed over: no second buffer. A second backward through
+        # the same graph (retain_graph, e.g. gradcheck) recomputes it the same way, so repeats agree exactly.
+        unscaled, ctx.unscaled = ctx.unscaled, None
+        if unscaled is None:
+            unscaled = ctx.ext.forward_grad(x, params, ctx.num_mixtures, ctx.bits)[1]
+        return None, unscaled.mul_(g.view(-1, 1, 1)), None, None, None
 
 
 def dmol_fused(x: Tensor, params: Tensor, bits: int = 8) -> Tensor:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.nn.utils.parametrizations import weight_norm
+from torch.nn.utils import parametrize
 
 from hvae_dist.config import ACTIVATIONS
 
@@ -13,6 +13,25 @@ _ACTIVATIONS = dict(zip(ACTIVATIONS, (nn.SiLU, nn.ELU, nn.ReLU, nn.LeakyReLU))) 
 
 def get_activation(name: str) -> nn.Module:
     return _ACTIVATIONS[name]()
+
+
+class WeightNorm(nn.Module):
+    """w = g * v / ||v|| (norm over every dim but 0): torch.nn.utils.parametrizations.weight_norm, with the same
+    parameters (`parametrizations.weight.original0` = g, `original1` = v) and values, except that w keeps v's
+    memory layout. (torch's fused kernel returns an NCHW w even for an NHWC v, which would send every conv of
+    a channels_last model back to NCHW; for an NCHW v nothing changes, not even a copy.)"""
+
+    def forward(self, weight_g: Tensor, weight_v: Tensor) -> Tensor:
+        w = torch._weight_norm(weight_v, weight_g, 0)
+        return w if w.stride() == weight_v.stride() else torch.empty_like(weight_v).copy_(w)
+
+    def right_inverse(self, weight: Tensor) -> tuple[Tensor, Tensor]:
+        return torch.norm_except_dim(weight, 2, 0), weight
+
+
+def weight_norm(layer: nn.Module) -> nn.Module:
+    parametrize.register_parametrization(layer, "weight", WeightNorm(), unsafe=True)
+    return layer
 
 
 def conv2d(in_ch: int, out_ch: int, kernel_size: int, stride: int = 1, weightnorm: bool = True) -> nn.Module:
@@ -56,4 +75,4 @@ class ResBlockConv2d(nn.Module):
         if self.gated:
             a, b = h.chunk(2, dim=1)
             h = a * torch.sigmoid(b)
-        return self.skip(x) + h
+        return h + self.skip(x)   # h first: the sum takes the conv output's memory layout (same value either way)

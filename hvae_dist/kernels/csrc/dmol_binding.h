@@ -20,6 +20,9 @@
 //     template <int C, typename P, typename T>
 //     static void backward(const T* x, const P* params, const T* lp, const T* grad_out, P* grad,
 //                          int64_t B, int64_t K, int64_t HW, const Layout& L, const Bins<T>& bins);
+//     template <int C, typename T>                          // float / double params only
+//     static void forward_grad(const T* x, const T* params, T* out, T* grad, int64_t B, int64_t K,
+//                              int64_t HW, const Layout& L, const Bins<T>& bins);
 //   };
 #pragma once
 
@@ -106,12 +109,39 @@ torch::Tensor dmol_backward(const torch::Tensor& x, const torch::Tensor& params,
   return grad;
 }
 
+// Training's one pass: (per-pixel log p (B, HW), d sum_p log p / d params (B, K, HW)), both in params' dtype,
+// which must be float32 or float64 (see dmol_math.h, "One-pass forward + gradient").
+template <class Driver>
+std::vector<torch::Tensor> dmol_forward_grad(const torch::Tensor& x, const torch::Tensor& params, int64_t M,
+                                             int64_t bits) {
+  check_inputs<Driver>(x, params, M);
+  TORCH_CHECK(params.scalar_type() == at::kFloat || params.scalar_type() == at::kDouble, "dmol ", Driver::kName,
+              ": forward_grad takes float32 / float64 params");
+  const typename Driver::Guard guard(x.device());
+  const int64_t B = x.size(0), C = x.size(1), HW = x.size(2), K = params.size(1);
+  auto out = torch::empty({B, HW}, x.options());
+  auto grad = torch::empty_like(params);
+  if (B * HW == 0) return {out, grad};
+  AT_DISPATCH_FLOATING_TYPES(params.scalar_type(), "dmol_forward_grad", [&] {
+    using T = scalar_t;
+    const Layout L = make_layout(static_cast<int>(M), static_cast<int>(C));
+    const Bins<T> bins = make_bins<T>(static_cast<int>(bits));
+    DMOL_DISPATCH_C(C, [&] {
+      Driver::template forward_grad<kC, T>(x.data_ptr<T>(), params.data_ptr<T>(), out.data_ptr<T>(),
+                                           grad.data_ptr<T>(), B, K, HW, L, bins);
+    });
+  });
+  return {out, grad};
+}
+
 }  // namespace hvae_dmol
 
-// The extension's Python interface, the same for every driver (fused.py's DmolFunction calls these two).
+// The extension's Python interface, the same for every driver (fused.py's DmolFunction calls these).
 #define DMOL_DEFINE_EXTENSION(Driver)                                                                      \
   PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {                                                               \
     m.def("forward", &hvae_dmol::dmol_forward<Driver>, "per-pixel DMoL log-likelihood (B, HW)");           \
     m.def("backward", &hvae_dmol::dmol_backward<Driver>,                                                   \
           "gradient of sum_b grad_out[b] * log p(x_b) wrt params");                                        \
+    m.def("forward_grad", &hvae_dmol::dmol_forward_grad<Driver>,                                           \
+          "per-pixel log-likelihood (B, HW) and the unscaled gradient of its sum wrt params");             \
   }

@@ -51,6 +51,17 @@ __global__ void backward_kernel(const T* __restrict__ x, const P* __restrict__ p
   }
 }
 
+template <int C, typename T>
+__global__ void forward_grad_kernel(const T* __restrict__ x, const T* __restrict__ params, T* __restrict__ out,
+                                    T* __restrict__ grad, int64_t B, int64_t K, int64_t HW, Layout L, Bins<T> bins) {
+  for (int64_t t = first_pixel(); t < B * HW; t += pixel_stride()) {
+    const int64_t b = t / HW, p = t - b * HW;
+    T xv[C];
+    load_pixel<C>(x, b, p, HW, xv);
+    out[t] = pixel_log_prob_and_grad<C, T>(params + b * K * HW + p, HW, L, xv, bins, grad + b * K * HW + p);
+  }
+}
+
 int num_blocks(int64_t total) {
   const int64_t want = (total + kThreads - 1) / kThreads;
   const int64_t cap = static_cast<int64_t>(at::cuda::getCurrentDeviceProperties()->multiProcessorCount) * 32;
@@ -80,6 +91,14 @@ struct CudaDriver {
                        int64_t HW, const Layout& L, const Bins<T>& bins) {
     backward_kernel<C, P, T><<<num_blocks(B * HW), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
         x, params, lp, gout_b, grad, B, K, HW, L, bins);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+
+  template <int C, typename T>
+  static void forward_grad(const T* x, const T* params, T* out, T* grad, int64_t B, int64_t K, int64_t HW,
+                           const Layout& L, const Bins<T>& bins) {
+    forward_grad_kernel<C, T><<<num_blocks(B * HW), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+        x, params, out, grad, B, K, HW, L, bins);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 };

@@ -346,4 +346,74 @@ HOST_DEVICE void pixel_grad(const P* prm, int64_t stride, const Layout& L, const
   for (int m = 0; m < L.M; ++m) component_grad<C, T, P, G>(prm, stride, L, m, xv, bins, lse_a, lp, g, gout);
 }
 
+// ---------------------------------------------------------------------------------------------
+// One-pass forward + gradient (training): the forward computes each component's log-probability WITH
+// its partial derivatives once, instead of once without them (forward) and again with them (backward).
+// The gradient is written unscaled, d log p(x) / d params; the backward only multiplies it by
+// grad_output[b]. Two passes over the pixel's components, both writing the gradient tensor itself (no
+// other buffer of size M*C*H*W): pass 1 stores the partials and log p(x | m) (in the logit slot) and
+// accumulates the two log-sum-exps; pass 2, once log p(x) is known, turns them into the gradient.
+// For float / double params only (the gradient slots hold intermediate values in the params' dtype).
+// The gradient equals component_grad's with g = 1 up to the order of one multiplication by g.
+// ---------------------------------------------------------------------------------------------
+
+// Pass 1 for component m: gout <- [log p(x|m) | dmu_c | dls_c | dmu_pc * x_pj * dtanh_q], la/lj updated.
+template <int C, typename T>
+HOST_DEVICE void component_partials(const T* prm, int64_t stride, const Layout& L, int m, const T* xv,
+                                    const Bins<T>& bins, Lse<T>& la, Lse<T>& lj, T* gout) {
+  T dmu[C], dls[C], tc[C], dtc[C];
+  const T a = prm[m * stride];
+  const T lc = component_log_prob<C, T, T, true>(prm, stride, L, m, xv, bins, dmu, dls, tc, dtc);
+  gout[m * stride] = lc;
+DMOL_UNROLL
+  for (int c = 0; c < C; ++c) {
+    gout[(L.mean0 + c * L.M + m) * stride] = dmu[c];
+    gout[(L.ls0 + c * L.M + m) * stride] = dls[c];
+  }
+DMOL_UNROLL
+  for (int q = 0; q < num_pairs<C>(); ++q)
+    gout[(L.coef0 + q * L.M + m) * stride] = dmu[pair_c(q)] * xv[pair_j(q)] * dtc[q];
+DMOL_UNROLL
+  for (int q = num_pairs<C>(); q < C; ++q)  // unused slots
+    gout[(L.coef0 + q * L.M + m) * stride] = T(0);
+  const T j = a + lc;
+  if (m == 0) {
+    la.init(a);
+    lj.init(j);
+  } else {
+    la.add(a);
+    lj.add(j);
+  }
+}
+
+// Pass 2 for component m, given lse_a = logsumexp of the logits and lp = log p(x):
+//   d/d logit_m = r_m - pi_m, d/d theta_{m,c} = r_m * partial (r_m = exp(log pi_m + log p(x|m) - lp)).
+template <int C, typename T>
+HOST_DEVICE void component_finish(const T* prm, int64_t stride, const Layout& L, int m, T lse_a, T lp, T* gout) {
+  const T a = prm[m * stride] - lse_a;  // log pi_m
+  const T lc = gout[m * stride];
+  const T pi = d_exp(a);
+  const T r = d_exp(a + lc - lp);
+  gout[m * stride] = r - pi;
+DMOL_UNROLL
+  for (int c = 0; c < C; ++c) {
+    gout[(L.mean0 + c * L.M + m) * stride] *= r;
+    gout[(L.ls0 + c * L.M + m) * stride] *= r;
+  }
+DMOL_UNROLL
+  for (int q = 0; q < num_pairs<C>(); ++q) gout[(L.coef0 + q * L.M + m) * stride] *= r;
+}
+
+// log p(x) of one pixel and its unscaled gradient (one thread per pixel on the GPU).
+template <int C, typename T>
+HOST_DEVICE T pixel_log_prob_and_grad(const T* prm, int64_t stride, const Layout& L, const T* xv,
+                                      const Bins<T>& bins, T* gout) {
+  Lse<T> la, lj;
+  for (int m = 0; m < L.M; ++m) component_partials<C, T>(prm, stride, L, m, xv, bins, la, lj, gout);
+  const T lse_a = la.value();
+  const T lp = lj.value() - lse_a;
+  for (int m = 0; m < L.M; ++m) component_finish<C, T>(prm, stride, L, m, lse_a, lp, gout);
+  return lp;
+}
+
 }  // namespace hvae_dmol

@@ -7,7 +7,6 @@ The engine only calls `forward_module`, `autocast()`, `step(loss)`, `state_dict(
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -17,10 +16,25 @@ from hvae_dist.distributed import World
 from hvae_dist.nn.precision import autocast_context
 
 
-@dataclass
 class StepResult:
-    grad_norm: float   # global gradient norm before clipping (nan/inf when non-finite)
-    skipped: bool      # the update was not applied
+    """What one update did. A backend may hand over 0-d device tensors: they are read (a host sync on a GPU)
+    only when `grad_norm` / `skipped` are, so that the update itself needs none."""
+
+    def __init__(self, grad_norm: float | torch.Tensor, skipped: bool | torch.Tensor):
+        self._grad_norm, self._skipped = grad_norm, skipped
+
+    @property
+    def grad_norm(self) -> float:
+        """Global gradient norm before clipping (nan/inf when non-finite)."""
+        return float(self._grad_norm)
+
+    @property
+    def skipped(self) -> bool:
+        """The update was not applied."""
+        return bool(self._skipped)
+
+    def __repr__(self) -> str:
+        return f"StepResult(grad_norm={self.grad_norm}, skipped={self.skipped})"
 
 
 class Backend:
@@ -56,5 +70,11 @@ class Backend:
 def should_skip(grad_norm: float, threshold: float | None) -> bool:
     """Skip non-finite gradient norms always, and norms above `threshold` when one is set."""
     return not math.isfinite(grad_norm) or (threshold is not None and grad_norm > threshold)
+
+
+def should_skip_tensor(grad_norm: torch.Tensor, threshold: float | None) -> torch.Tensor:
+    """`should_skip` on the device: a 0-d bool tensor, no host sync."""
+    skip = ~torch.isfinite(grad_norm)
+    return skip if threshold is None else skip | (grad_norm > threshold)
 
 
