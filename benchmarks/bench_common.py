@@ -19,6 +19,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 # The reference conv of the issue: 64 -> 64 channels, 5x5, 28x28 (the fashionmnist preset's first stage), batch 16.
 PEAK_CONV = dict(batch=16, channels=64, kernel=5, size=28)
+PEAK_CALLS = 16   # back-to-back calls per timing (one bf16 call takes ~1 ms: too short to time alone)
 
 
 def header(title: str, threads: int) -> str:
@@ -50,7 +51,7 @@ def interleaved(cases: dict[str, Callable[[], object]], repeats: int, warmup: in
 
 def peak_conv_cases(device: torch.device) -> tuple[dict[str, Callable[[], object]], float]:
     """Forward calls of the reference conv, fp32 / bf16 x NCHW / NHWC (the peak of a precision is the faster
-    layout), each timed over 4 back-to-back calls; and its FLOPs per call (x4)."""
+    layout), each timed over PEAK_CALLS back-to-back calls; and its FLOPs per timed case."""
     p = PEAK_CONV
     b, c, k, s = p["batch"], p["channels"], p["kernel"], p["size"]
     cases = {}
@@ -62,10 +63,10 @@ def peak_conv_cases(device: torch.device) -> tuple[dict[str, Callable[[], object
 
             def run(x=x, w=w):
                 with torch.no_grad():
-                    for _ in range(4):
+                    for _ in range(PEAK_CALLS):
                         F.conv2d(x, w, padding=k // 2)
             cases[name] = run
-    flops = 4 * 2 * b * c * c * k * k * s * s
+    flops = PEAK_CALLS * 2 * b * c * c * k * k * s * s
     return cases, flops
 
 

@@ -139,7 +139,7 @@ class TrainConfig:
     """A DeepSpeed JSON whose keys override the generated ones."""
     channels_last: bool | None = None
     """Convolutions in NHWC memory order (single / ddp backends; values equal up to float rounding). null:
-    on for bf16 / fp16, where oneDNN and cuDNN are fastest in NHWC, off for fp32 (benchmarks/train_throughput.py)."""
+    on on a CPU (oneDNN is faster in NHWC) and for bf16 / fp16 on a GPU, off for fp32 on a GPU."""
     compile: bool = False
     """torch.compile the forward and backward (single / ddp backends); the first steps pay the compile time."""
 

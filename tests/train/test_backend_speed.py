@@ -1,4 +1,4 @@
-"""The PyTorch backend's speed paths keep its results: channels_last (default on for 16-bit precisions only)
+"""The PyTorch backend's speed paths keep its results: channels_last (default on on a CPU, 16-bit on a GPU)
 trains like NCHW up to float rounding, the fused-Adam update with the skip decision on the device equals
 torch's Adam and skips like before (nothing changes, nothing is synced until read), a resume into the other
 memory layout keeps the Adam moments aligned with their parameters, and torch.compile (slow) agrees with
@@ -68,11 +68,13 @@ def _assert_close_params(a, b, rtol=1e-4, atol=1e-5):
         torch.testing.assert_close(wb[n], v, rtol=rtol, atol=atol, msg=n)
 
 
-def test_channels_last_is_the_default_for_16_bit_precisions_only():
-    assert [use_channels_last(TrainConfig(precision=p)) for p in ("fp32", "bf16", "fp16")] == [False, True, True]
-    assert use_channels_last(TrainConfig(precision="fp32", channels_last=True))
-    assert not use_channels_last(TrainConfig(precision="bf16", channels_last=False))
-    backend = _backend(_model(), precision="bf16")
+def test_channels_last_default_is_on_on_a_cpu_and_for_16_bit_precisions_on_a_gpu():
+    precisions = ("fp32", "bf16", "fp16")
+    assert [use_channels_last(TrainConfig(precision=p), "cpu") for p in precisions] == [True, True, True]
+    assert [use_channels_last(TrainConfig(precision=p), "cuda") for p in precisions] == [False, True, True]
+    assert use_channels_last(TrainConfig(precision="fp32", channels_last=True), "cuda")
+    assert not use_channels_last(TrainConfig(precision="bf16", channels_last=False), "cpu")
+    backend = _backend(_model(), precision="fp32")
     conv = backend.raw_model.encoders[0][1].conv1
     assert conv.weight.is_contiguous(memory_format=torch.channels_last) and not conv.weight.is_contiguous()
 
