@@ -2,7 +2,9 @@
 
 `DIR/checkpoints/latest.pt` and `DIR/checkpoints/step-N.pt` hold a dict:
 
-    schema_version  int
+    schema_version  int   2; 1 = written before the training noise became counter-based (rng.py):
+                          its weights still score, but a resume is refused (its data order and noise
+                          would change mid-run)
     step, epoch, batch_in_epoch   int   (the next batch to train on is batch_in_epoch of epoch)
     model           state_dict of the unwrapped model (never `module.`-prefixed)
     ema             state_dict of the EMA model, or None
@@ -43,7 +45,8 @@ import torch
 
 from hvae_dist.errors import CheckpointError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+READABLE_SCHEMAS = (1, 2)   # model weights of these load for evaluation; training resumes SCHEMA_VERSION only
 LATEST = "latest.pt"
 _STEP_RE = re.compile(r"step-(\d+)\.pt$")
 _ZIP_MAGIC = b"PK\x03\x04"
@@ -235,9 +238,9 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         err = CheckpointError(f"checkpoint {path} cannot be loaded: {reason}")
         err.reason = reason
         raise err from None
-    if not isinstance(state, dict) or state.get("schema_version") != SCHEMA_VERSION:
+    if not isinstance(state, dict) or state.get("schema_version") not in READABLE_SCHEMAS:
         found = state.get("schema_version") if isinstance(state, dict) else None
-        reason = f"schema_version {found}, expected {SCHEMA_VERSION}"
+        reason = f"schema_version {found}, expected one of {', '.join(map(str, READABLE_SCHEMAS))}"
         err = CheckpointError(f"checkpoint {path} has {reason}")
         err.reason = reason
         raise err

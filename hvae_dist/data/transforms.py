@@ -55,14 +55,20 @@ def preprocess_batch(x_uint8: torch.Tensor, mode: str, generator_or_noise=None) 
     return (x_uint8.to(torch.float32) + u) / 256.0
 
 
-def perturb(x_uint8: torch.Tensor, rate: float, generator: torch.Generator | None = None) -> torch.Tensor:
+def perturb(x_uint8: torch.Tensor, rate: float, generator_or_noise=None) -> torch.Tensor:
     """Background-model noise (Ren et al. 2019): each pixel independently, with probability `rate`, is
-    replaced by a uniform random value in 0..255. Returns a new uint8 tensor; rate 0 returns an equal copy."""
+    replaced by a uniform random value in 0..255. Returns a new uint8 tensor; rate 0 returns an equal copy.
+
+    One uniform u per pixel decides both (as `preprocess_batch`, from a Generator, an explicit noise tensor
+    shaped like x, or the global RNG): the pixel is replaced when u < rate, by floor(256 u / rate), which
+    given u < rate is uniform on 0..255.
+    """
     _check_uint8(x_uint8, "perturb")
     rate = float(rate)
     if not 0.0 <= rate <= 1.0:
         raise ConfigError(f"perturb rate must be in [0, 1], got {rate}")
-    dev = generator.device if generator is not None else x_uint8.device
-    mask = torch.rand(x_uint8.shape, generator=generator, device=dev).to(x_uint8.device) < rate
-    noise = torch.randint(0, 256, x_uint8.shape, generator=generator, device=dev, dtype=torch.uint8).to(x_uint8.device)
-    return torch.where(mask, noise, x_uint8)
+    if rate == 0.0:
+        return x_uint8.clone()
+    u = _uniform(x_uint8, generator_or_noise)
+    value = torch.floor(u * (256.0 / rate)).clamp_(max=255).to(torch.uint8)
+    return torch.where(u < rate, value, x_uint8)

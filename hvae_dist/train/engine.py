@@ -1,10 +1,11 @@
 """The training loop: data order, noise, objective, checkpoints, signals. Backend-agnostic.
 
-Reproducibility by construction: the data order of epoch e is a permutation seeded by (seed, e),
-and all randomness of step t (dynamic binarization, background perturbation, latent noise) is drawn
-for the whole global batch from a generator seeded by (seed, t); each rank takes its slice. So a run
-gives the same updates whatever the number of ranks (up to float reduction order) and a resumed run
-is bitwise identical to an uninterrupted one.
+Reproducibility by construction: the data order of epoch e is a permutation seeded by (seed, e), and
+every random number of step t (dynamic binarization, background perturbation, latent noise) is a pure
+function of (seed, stream, t, global row of the batch, element) through the package's one hash
+(`hvae_dist.rng`). Each rank computes only its own rows, on its device, so the per-rank work does not
+grow with the number of ranks, a run gives the same updates whatever the number of ranks (up to float
+reduction order), and a resumed run is bitwise identical to an uninterrupted one.
 """
 from __future__ import annotations
 
@@ -20,8 +21,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from hvae_dist import rng
 from hvae_dist.checkpoint import (
     LATEST,
+    SCHEMA_VERSION,
     atomic_write,
     checkpoint_dir,
     checkpoint_files,
@@ -35,7 +38,7 @@ from hvae_dist.checkpoint import (
 from hvae_dist.config import Config
 from hvae_dist.data import get_dataset, parse_dataset_spec, perturb, preprocess_batch
 from hvae_dist.distributed import World, all_reduce_mean
-from hvae_dist.errors import ConfigError, DatasetUnavailableError, TrainingDivergedError
+from hvae_dist.errors import CheckpointError, ConfigError, DatasetUnavailableError, TrainingDivergedError
 from hvae_dist.model import HierarchicalVAE, build_model
 from hvae_dist.objectives import bits_per_dim, elbo_loss, free_nats_at, kl_warmup_beta
 from hvae_dist.train.backends import Backend, make_backend
@@ -56,13 +59,8 @@ def _nan_steps_from_env() -> set[int] | str:
     return {int(s) for s in raw.split(",") if s.strip()}
 
 
-def _seed_of(*parts: int) -> int:
-    """A 63-bit seed mixed from integers (stable across runs and platforms)."""
-    h = 0x9E3779B97F4A7C15
-    for p in parts:
-        h = (h ^ (int(p) & 0xFFFFFFFFFFFFFFFF)) * 0xBF58476D1CE4E5B9 & 0xFFFFFFFFFFFFFFFF
-        h ^= h >> 31
-    return h & 0x7FFFFFFFFFFFFFFF
+# Streams of the training noise (the second counter of `rng.key_of(seed, stream, step or epoch)`).
+_PERMUTATION, _BINARIZE, _PERTURB, _LATENT = 1, 2, 3, 4
 
 
 @dataclass
@@ -126,6 +124,13 @@ class Trainer:
                 "config": self.cfg.to_dict()}
 
     def load_state_dict(self, state: dict) -> None:
+        if state.get("schema_version") != SCHEMA_VERSION:
+            raise CheckpointError(
+                f"the checkpoint of {self.run_dir} has schema_version {state.get('schema_version')}: it was written "
+                f"before this version of hvae-dist drew its training noise and data order from counter-based keys "
+                f"(schema {SCHEMA_VERSION}), so resuming it would change the run's data and noise mid-run; finish it "
+                "with the version that started it, or start over with --restart or a new --run-dir (its weights "
+                "still load for hvae score)")
         if state["config"]["model"] != self.cfg.to_dict()["model"]:
             raise ConfigError(f"the checkpoint in {self.run_dir} was made with another model config; "
                               "use a new --run-dir or the run's own config.json")
@@ -226,33 +231,39 @@ class Trainer:
     # ----- data and noise -----
     def _permutation(self, epoch: int) -> torch.Tensor:
         if self._perm is None or self._perm[0] != epoch:
-            g = torch.Generator().manual_seed(_seed_of(self.cfg.train.seed, 1, epoch))
-            self._perm = (epoch, torch.randperm(len(self.train_set), generator=g))
+            seed = rng.key_of(self.cfg.train.seed, _PERMUTATION, epoch) & 0x7FFFFFFFFFFFFFFF
+            self._perm = (epoch, torch.randperm(len(self.train_set), generator=torch.Generator().manual_seed(seed)))
         return self._perm[1]
 
-    def next_batch(self) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """(x (b_local * train_samples, C, H, W) float, noise per latent layer) for the current step."""
-        t, w = self.cfg.train, self.world
+    def rank_rows(self) -> torch.Tensor:
+        """(local_batch,) int64: the rows of the global batch (0 .. batch_size-1) that this rank trains on."""
+        return torch.arange(self.world.rank * self.local_batch, (self.world.rank + 1) * self.local_batch)
+
+    def next_batch(self, rows: torch.Tensor | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """(x (R * train_samples, C, H, W) float, noise per latent layer (R * train_samples, *shape)) of the
+        current step's global-batch rows `rows` (R,) (default: this rank's, `rank_rows`).
+
+        Only these rows are drawn, on the training device: row r's pixels, binarization, perturbation and
+        latent noise are the same whichever rank or batch slice asks for it.
+        """
+        t, d = self.cfg.train, self.cfg.data
+        rows = self.rank_rows() if rows is None else rows
         perm = self._permutation(self.epoch)
-        start = self.batch_in_epoch * t.batch_size
-        idx = perm[start + w.rank * self.local_batch: start + (w.rank + 1) * self.local_batch]
-        x_u8 = self.images[idx]                                            # b, C, H, W
-        g = torch.Generator().manual_seed(_seed_of(t.seed, 2, self.step))
-        # Draw for the global batch, then slice: the same numbers whatever the number of ranks.
-        sl = slice(w.rank * self.local_batch, (w.rank + 1) * self.local_batch)
-        if self.cfg.data.perturb_rate > 0:
-            x_global = self.images[perm[start:start + t.batch_size]]
-            x_u8 = perturb(x_global, self.cfg.data.perturb_rate, g)[sl]
-        u = torch.rand(t.batch_size, *x_u8.shape[1:], generator=g)[sl]
-        mode = self.cfg.data.binarize
-        x = preprocess_batch(x_u8, mode, u if mode in ("dynamic", "dequantize") else None)
+        x_u8 = self.images[perm[self.batch_in_epoch * t.batch_size + rows]].to(self.device)   # R, C, H, W
+        rows = rows.to(self.device)
+
+        def keys(stream: int) -> torch.Tensor:
+            return rng.row_keys(rng.key_of(t.seed, stream, self.step), rows)
+
+        if d.perturb_rate > 0:
+            x_u8 = perturb(x_u8, d.perturb_rate, rng.uniform(keys(_PERTURB), x_u8.shape[1:]))
+        u = rng.uniform(keys(_BINARIZE), x_u8.shape[1:]) if d.binarize in ("dynamic", "dequantize") else None
+        x = preprocess_batch(x_u8, d.binarize, u)
         s = t.train_samples
-        noise = [torch.randn(t.batch_size * s, *shape, generator=g)[w.rank * self.local_batch * s:
-                                                                     (w.rank + 1) * self.local_batch * s]
-                 for shape in self.model.latent_shapes]
+        noise = rng.normal(keys(_LATENT), 0, s, self.model.latent_shapes)
         if s > 1:
             x = x.repeat_interleave(s, dim=0)
-        return x.to(self.device), [n.to(self.device) for n in noise]
+        return x, noise
 
     def _advance(self) -> None:
         self.step += 1

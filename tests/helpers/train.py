@@ -226,13 +226,34 @@ def copy_run(src: Path, dst: Path) -> Path:
 # ----- the per-rank script (run under torchrun) -----
 def _rank_main(argv: list[str]) -> int:
     """`tests/helpers/train.py DUMP_DIR train ARGS...`: the real `hvae train ARGS...`, after which every rank
-    also saves its own model / optimizer state and counters to DUMP_DIR/rank-R.pt."""
+    also saves its own model / optimizer state and counters to DUMP_DIR/rank-R.pt, with "batches": per
+    training step, the inputs and latent noise this rank drew and the global-batch rows of every key it
+    computed for them (`rng.row_keys`)."""
+    from hvae_dist import rng
     from hvae_dist.cli import main
     from hvae_dist.distributed import detect_world
     from hvae_dist.train import engine
 
     dump_dir, args = Path(argv[0]), argv[1:]
-    fit = engine.Trainer.fit
+    fit, next_batch, row_keys = engine.Trainer.fit, engine.Trainer.next_batch, rng.row_keys
+    batches: list[dict] = []
+    keyed_rows: list[torch.Tensor] | None = None
+
+    def recording_row_keys(key, rows):
+        if keyed_rows is not None:
+            keyed_rows.append(rows.detach().cpu().clone())
+        return row_keys(key, rows)
+
+    def recording_next_batch(self, *a, **k):
+        nonlocal keyed_rows
+        keyed_rows = []
+        try:
+            x, noise = next_batch(self, *a, **k)
+        finally:
+            rows, keyed_rows = keyed_rows, None
+        batches.append({"step": self.step, "x": x.cpu().clone(), "noise": [n.cpu().clone() for n in noise],
+                        "keyed_rows": rows})
+        return x, noise
 
     def fit_and_dump(self, *a, **k):
         result = fit(self, *a, **k)
@@ -240,10 +261,13 @@ def _rank_main(argv: list[str]) -> int:
         torch.save({"model": self.model.state_dict(), "optimizer": self.backend.optimizer.state_dict(),
                     "counters": {"skipped_total": self.counters.skipped_total,
                                  "images_seen": self.counters.images_seen},
-                    "step": self.step, "result": result}, dump_dir / f"rank-{detect_world().rank}.pt")
+                    "step": self.step, "result": result, "batches": batches},
+                   dump_dir / f"rank-{detect_world().rank}.pt")
         return result
 
     engine.Trainer.fit = fit_and_dump
+    engine.Trainer.next_batch = recording_next_batch
+    rng.row_keys = recording_row_keys
     return main(args)
 
 

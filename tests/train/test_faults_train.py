@@ -131,6 +131,22 @@ def test_scoring_with_a_broken_latest_names_the_numbered_checkpoints_and_checkpo
     assert path.name == "step-6.pt"
 
 
+def test_a_run_from_before_the_counter_based_noise_is_refused_on_resume_but_still_scores(run6, capsys):
+    # Schema 1 checkpoints drew the training noise per global batch from a seeded generator: resuming one
+    # now would silently change its data and noise mid-run.
+    for p in (run6 / "checkpoints").glob("*.pt"):
+        state = torch.load(p, weights_only=True)
+        state["schema_version"] = 1
+        torch.save(state, p)
+    before = _files(run6)
+    assert _train(run6, 8) == 2
+    line = _one_line_error(capsys.readouterr().err)
+    assert "schema_version 1" in line and "counter-based" in line and "--restart" in line and "hvae score" in line
+    assert _files(run6) == before
+    model, _, path = ck.load_model_for_eval(run6)
+    assert path.name == "latest.pt" and sum(p.numel() for p in model.parameters()) > 0
+
+
 def test_random_bytes_in_every_checkpoint_is_one_error_listing_them(run6, capsys):
     for p in (run6 / "checkpoints").glob("*.pt"):
         p.write_bytes(b"" if p.name == "step-2.pt" else os.urandom(4096))

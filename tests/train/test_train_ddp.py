@@ -74,3 +74,31 @@ def test_nan_loss_on_one_step_is_skipped_and_logged_on_every_ddp_rank(tmp_path):
     assert [v for _, v in skipped_total] == [0, 0, 1, 1, 1, 1]
     assert [v for _, v in th.tb_values(run_dir, "train/skipped")] == [0, 0, 1, 0, 0, 0]
     assert math.isnan(dict(th.tb_values(run_dir, "train/loss"))[3])
+
+
+def test_each_ddp_rank_draws_exactly_its_rows_of_the_single_process_batch_and_no_others(tmp_path):
+    # Perturbation, dynamic binarization and 2 samples per example: every kind of training noise is drawn.
+    settings = {"data__perturb_rate": 0.1, "train__train_samples": 2, "train__checkpoint_every": 1000}
+    steps, dumps = 3, tmp_path / "dumps"
+    th.run(th.dump_command(dumps, th.train_args(tmp_path / "ddp", steps, "ddp", **settings), nproc=2))
+    ranks = th.rank_dumps(dumps, 2)
+
+    single = Trainer(th.small_config(**settings), tmp_path / "single", World(), torch.device("cpu"))
+    batch, samples = single.cfg.train.batch_size, 2
+    local = batch // 2
+    for step in range(steps):
+        x, noise = single.next_batch()       # the whole global batch, drawn by one process
+        assert x.shape[0] == batch * samples
+        for r, dump in enumerate(ranks):
+            got = dump["batches"][step]
+            assert got["step"] == step
+            own = slice(r * local * samples, (r + 1) * local * samples)
+            assert torch.equal(got["x"], x[own]), f"rank {r} step {step}: inputs differ from the single-process rows"
+            assert len(got["noise"]) == len(noise)
+            for i, (a, b) in enumerate(zip(got["noise"], noise)):
+                assert torch.equal(a, b[own]), f"rank {r} step {step}: latent layer {i} noise differs"
+            # Every key the rank computed (binarization, perturbation, latents) was for one of its own rows.
+            assert len(got["keyed_rows"]) == 3
+            for rows in got["keyed_rows"]:
+                assert rows.tolist() == list(range(r * local, (r + 1) * local)), (r, step, rows.tolist())
+        single._advance()
