@@ -14,8 +14,13 @@ from hvae_dist.config import SCORE_PRECISIONS
 from hvae_dist.errors import ConfigError
 
 
+class StoppedBySignal(SystemExit):
+    """`hvae score` unwound on SIGTERM: the shard file is closed and a re-run resumes it."""
+
+
 def _exit_on_sigterm(signum: int, _frame=None) -> None:
-    raise SystemExit(f"hvae score: got {signal.Signals(signum).name}; the shard file is closed and resumes on re-run")
+    raise StoppedBySignal(f"hvae score: got {signal.Signals(signum).name}; the shard file is closed and resumes on "
+                          "re-run")
 
 
 def _ks(values: list[str] | None):

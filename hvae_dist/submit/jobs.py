@@ -149,9 +149,21 @@ class ScoreShard(Checkpointable):
     shard: int
     num_shards: int
 
+    signal_grace_s: float = 30.0   # after a SIGTERM stop: how long to wait for submitit's USR2 (SLURM's KillWait)
+
     def __call__(self) -> str:
-        _hvae(["score", *self.argv, "--shard", str(self.shard), "--num-shards", str(self.num_shards),
-               "--no-progress"])
+        from hvae_dist.score.cli import StoppedBySignal
+
+        try:
+            _hvae(["score", *self.argv, "--shard", str(self.shard), "--num-shards", str(self.num_shards),
+                   "--no-progress"])
+        except StoppedBySignal:
+            # The shard file is closed. As for TrainJob: a SIGTERM precedes submitit's USR2 in a preemption, and
+            # a USR2 that arrived while this process was already exiting would kill it instead of requeueing.
+            # Wait, with submitit's USR2 handler in place (it requeues and exits); SLURM's own requeue or
+            # scancel ends the task within KillWait.
+            time.sleep(self.signal_grace_s)
+            raise
         return self.argv[self.argv.index("--out") + 1]
 
 
