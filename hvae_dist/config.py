@@ -5,9 +5,9 @@ below. Presets (`fashionmnist`, `cifar10`, `tiny`) are JSON files in `hvae_dist/
 override the defaults. `--set section.key=value` overrides one field; the value is parsed as
 JSON when it parses (numbers, true/false, null, lists) and as a plain string otherwise.
 Every error names the key, the value and what is allowed; every float must be finite (JSON's and
-`--set`'s Infinity / NaN are refused). Resuming a run may change every `train.*` key and the
-`data.*` keys of `RESUMABLE_DATA_KEYS` (they choose what is evaluated and where files are found,
-not what is trained).
+`--set`'s Infinity / NaN are refused). Resuming a run may change every `train.*` key but
+`train.optimizer` (the checkpoint's optimizer state is that optimizer's) and the `data.*` keys of
+`RESUMABLE_DATA_KEYS` (they choose what is evaluated and where files are found, not what is trained).
 """
 from __future__ import annotations
 
@@ -34,6 +34,8 @@ PRECISIONS = ("fp32", "bf16", "fp16")
 SCORE_PRECISIONS = ("fp32", "bf16")     # fp16 has no loss scaling to protect a forward-only pass
 # ZeRO-3 shards the parameters themselves; checkpoints hold the full model, so stage 3 is not offered.
 ZERO_STAGES = (0, 1, 2)
+OPTIMIZERS = ("adam", "adamax", "adamw")
+LR_SCHEDULES = ("constant", "cosine")
 # data.* keys a resumed run may change (with every train.* key): the validation sets, and where the same
 # datasets' files are found. The others (dataset, binarize, max_train_examples, perturb_rate) change what
 # is trained.
@@ -90,13 +92,38 @@ class DataConfig:
 @dataclass
 class TrainConfig:
     batch_size: int = 128
-    """Global batch size (split evenly over ranks)."""
+    """Global batch size of one optimizer update, in examples (split evenly over ranks, then over
+    `accumulation_steps` micro-batches)."""
+    accumulation_steps: int = 1
+    """Micro-batches per optimizer update (gradient accumulation): each rank runs its batch_size / ranks
+    examples as this many forward/backward passes of batch_size / (ranks x accumulation_steps) examples and
+    applies one update of their mean gradient, so activation memory falls by this factor and the update is
+    that of one batch of batch_size up to float rounding (exactly so with free_nats 0: the free-nats clamp
+    acts on each micro-batch's mean KL, as it does on each rank's). Clipping, skipping and the logged stats
+    are per update."""
     lr: float = 3e-4
-    """Adam learning rate."""
+    """Peak learning rate (per update) of `optimizer`; the lr of step t is `objectives.lr_at(t, ...)`."""
+    lr_warmup_steps: int = 0
+    """Linear lr warm-up over this many steps: step t (0-based) uses lr x (t + 1) / lr_warmup_steps, the
+    full lr from step lr_warmup_steps - 1 on (0: off)."""
+    lr_schedule: str = "constant"
+    """After the warm-up: `constant` (lr) or `cosine` (half a cosine from lr at the end of the warm-up down to
+    lr_min at step max_steps, lr_min after it). The cosine is over steps, so a run needs the step budget it
+    means to reach: one stopped earlier by max_minutes (or a signal) ends mid-schedule, and a resume goes on
+    along the same curve; a new --max-steps on resume stretches the rest of it."""
+    lr_min: float = 0.0
+    """Final learning rate of the cosine schedule (<= lr; only with lr_schedule 'cosine')."""
+    optimizer: str = "adam"
+    """adam, adamax (Adam with the infinity norm) or adamw (Adam with decoupled weight decay). Fixed for a
+    run: a resume with another optimizer is refused (its state would not fit)."""
+    weight_decay: float = 0.0
+    """adamw's decoupled weight decay per update: every parameter is scaled by (1 - lr_t x weight_decay)
+    before the Adam step (0: none, adamw is then adam). Refused with adam / adamax, whose `weight_decay`
+    would be an L2 term added to the gradient instead."""
     max_steps: int = 100_000
-    """Optimizer steps (skipped updates count as steps)."""
+    """Optimizer steps (skipped updates count as steps); also the end of the cosine lr schedule."""
     max_minutes: float | None = None
-    """Stop (with a checkpoint) after this wall time."""
+    """Stop (with a checkpoint) after this wall time, in minutes (the lr schedule does not look at time)."""
     train_samples: int = 1
     """Posterior samples per example in the training ELBO."""
     free_nats: float = 2.0
@@ -343,13 +370,14 @@ def validate(cfg: Config) -> None:
     if t.eval_every and not d.val_datasets:
         raise ConfigError(f"config key 'data.val_datasets' is empty but train.eval_every={t.eval_every}: name at "
                           "least one NAME:SPLIT (the first is in-distribution) or set train.eval_every=0")
-    for key in ("batch_size", "max_steps", "train_samples", "checkpoint_every", "keep_last", "log_every",
-                "eval_examples", "eval_iw_samples", "max_skipped"):
+    for key in ("batch_size", "accumulation_steps", "max_steps", "train_samples", "checkpoint_every", "keep_last",
+                "log_every", "eval_examples", "eval_iw_samples", "max_skipped"):
         _check_positive(f"train.{key}", getattr(t, key))
     for key in ("free_nats", "free_nats_steps", "free_nats_cooldown_steps", "kl_warmup_steps", "grad_clip",
-                "eval_every", "ema_decay"):
+                "eval_every", "ema_decay", "lr_warmup_steps", "lr_min", "weight_decay"):
         _check_positive(f"train.{key}", getattr(t, key), allow_zero=True)
     _check_positive("train.lr", t.lr)
+    _validate_recipe(t)
     if d.max_train_examples is not None and d.max_train_examples < t.batch_size:
         raise ConfigError(f"config key 'data.max_train_examples': {d.max_train_examples} is smaller than train.batch_size="
                           f"{t.batch_size}: not one batch to train on")
@@ -367,3 +395,28 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"config key 'train.deepspeed_zero_stage': {t.deepspeed_zero_stage!r} is not allowed; choose "
                           f"one of {', '.join(map(str, ZERO_STAGES))} (ZeRO-3 shards the parameters, but checkpoints "
                           "hold the full model)")
+
+
+def _validate_recipe(t: TrainConfig) -> None:
+    """The lr schedule, optimizer and gradient accumulation keys (their ranges are checked by the caller)."""
+    _check_choice("train.lr_schedule", t.lr_schedule, LR_SCHEDULES)
+    _check_choice("train.optimizer", t.optimizer, OPTIMIZERS)
+    if t.lr_schedule == "cosine":
+        if t.lr_min > t.lr:
+            raise ConfigError(f"config key 'train.lr_min': {t.lr_min!r} is above train.lr={t.lr!r}; the cosine schedule "
+                              "decays from train.lr down to train.lr_min")
+        if t.lr_warmup_steps >= t.max_steps:
+            raise ConfigError(f"config key 'train.lr_warmup_steps': {t.lr_warmup_steps} is not below train.max_steps="
+                              f"{t.max_steps}: the cosine schedule decays over the steps after the warm-up, up to "
+                              "train.max_steps (--max-steps); shorten the warm-up or raise max_steps")
+    elif t.lr_min != 0:
+        raise ConfigError(f"config key 'train.lr_min': {t.lr_min!r} is only used by train.lr_schedule='cosine' (the "
+                          f"schedule is {t.lr_schedule!r}); set train.lr_schedule=cosine or train.lr_min=0")
+    if t.weight_decay > 0 and t.optimizer != "adamw":
+        raise ConfigError(f"config key 'train.weight_decay': {t.weight_decay!r} is only applied by train.optimizer="
+                          f"'adamw' (decoupled weight decay), not by {t.optimizer!r}; set train.optimizer=adamw or "
+                          "train.weight_decay=0")
+    if t.batch_size % t.accumulation_steps:
+        raise ConfigError(f"config key 'train.accumulation_steps': {t.accumulation_steps} does not divide "
+                          f"train.batch_size={t.batch_size}: each update's batch is split into accumulation_steps "
+                          "equal micro-batches (on every rank)")

@@ -1,5 +1,5 @@
-"""Training objective (ELBO with free nats and KL warm-up), schedules, bits/dim, and the streaming
-importance-weighted bound used by the scorer.
+"""Training objective (ELBO with free nats and KL warm-up), schedules (KL, free nats, learning rate),
+bits/dim, and the streaming importance-weighted bound used by the scorer.
 
 Units: nats unless a name says bpd (bits per dimension = -log p / (D ln 2)).
 """
@@ -29,6 +29,27 @@ def free_nats_at(step: int, free_nats: float, constant_steps: int, cooldown_step
     if cooldown_steps <= 0:
         return 0.0
     return free_nats * max(0.0, 1.0 - (step - constant_steps) / cooldown_steps)
+
+
+def lr_at(step: int, lr: float, *, warmup_steps: int = 0, schedule: str = "constant", max_steps: int = 0,
+          lr_min: float = 0.0) -> float:
+    """The learning rate of update `step` (0-based): a pure function of the step, so a resumed run applies the
+    same lr at every step as an uninterrupted one.
+
+    Warm-up (`warmup_steps` W > 0): lr * (t + 1) / W for t < W, a line from 0 whose first update already moves
+    the weights. Then `constant`: lr; `cosine`: lr_min + (lr - lr_min) * (1 + cos(pi * p)) / 2 with
+    p = (t - W) / (max_steps - W), clamped to [0, 1], so lr at t = W and lr_min from t = max_steps on (the
+    last update of a run, t = max_steps - 1, is just above lr_min). Units: those of `lr` (per update).
+    """
+    if warmup_steps > 0 and step < warmup_steps:
+        return lr * (step + 1) / warmup_steps
+    if schedule == "constant":
+        return lr
+    if schedule != "cosine":
+        raise ValueError(f"unknown lr schedule {schedule!r}")
+    span = max_steps - max(warmup_steps, 0)
+    p = 1.0 if span <= 0 else min(1.0, max(0.0, (step - max(warmup_steps, 0)) / span))
+    return lr_min + (lr - lr_min) * 0.5 * (1.0 + math.cos(math.pi * p))
 
 
 def bits_per_dim(nats: Tensor, num_dims: int) -> Tensor:

@@ -33,11 +33,12 @@ Floats must be finite (Infinity / NaN are refused).
 
 Resuming: re-running with an existing DIR continues from its newest checkpoint that loads (latest.pt,
 else the numbered step-N.pt newest first, with a warning naming the files passed over). Every train.*
-field and data.{{{','.join(RESUMABLE_DATA_KEYS)}}} may change on resume; the other model.* and data.*
-fields must stay as in DIR/config.json (start a new --run-dir to change them). A run already at or past
---max-steps stops at once and writes nothing. Files that a resume from an older checkpoint (--checkpoint,
-or a fallback past broken files) would contradict are moved to DIR/checkpoints/superseded-TIME/, never
-deleted. One trainer per DIR: a second one exits with an error naming the holder (DIR/.lock).
+field but train.optimizer, and data.{{{','.join(RESUMABLE_DATA_KEYS)}}}, may change on resume; the
+other model.* and data.* fields must stay as in DIR/config.json (start a new --run-dir to change them).
+A run already at or past --max-steps stops at once and writes nothing. Files that a resume from an older
+checkpoint (--checkpoint, or a fallback past broken files) would contradict are moved to
+DIR/checkpoints/superseded-TIME/, never deleted. One trainer per DIR: a second one exits with an error
+naming the holder (DIR/.lock).
 Presets: {', '.join(preset_names())}.
 """
 

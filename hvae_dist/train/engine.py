@@ -40,7 +40,7 @@ from hvae_dist.data import get_dataset, parse_dataset_spec, perturb, preprocess_
 from hvae_dist.distributed import World, all_reduce_mean
 from hvae_dist.errors import CheckpointError, ConfigError, DatasetUnavailableError, TrainingDivergedError
 from hvae_dist.model import HierarchicalVAE, build_model
-from hvae_dist.objectives import bits_per_dim, elbo_loss, free_nats_at, kl_warmup_beta
+from hvae_dist.objectives import bits_per_dim, elbo_loss, free_nats_at, kl_warmup_beta, lr_at
 from hvae_dist.train.backends import Backend, make_backend
 from hvae_dist.train.ema import EMA
 from hvae_dist.train.monitor import Monitor
@@ -83,6 +83,10 @@ class Trainer:
             raise ConfigError(f"train.backend='single' but WORLD_SIZE={world.world_size}: use --backend ddp or deepspeed")
         if t.batch_size % world.world_size:
             raise ConfigError(f"train.batch_size={t.batch_size} must be divisible by the number of ranks ({world.world_size})")
+        if t.batch_size % (world.world_size * t.accumulation_steps):
+            raise ConfigError(f"train.batch_size={t.batch_size} must be divisible by the number of ranks ({world.world_size}) "
+                              f"x train.accumulation_steps={t.accumulation_steps}: every rank splits its rows into "
+                              "accumulation_steps equal micro-batches")
         self.local_batch = t.batch_size // world.world_size
         name, split = parse_dataset_spec(f"{cfg.data.dataset}:train")
         self.train_set = get_dataset(name, split, cfg.data.root, cfg.data.download, cfg.data.max_train_examples)
@@ -107,6 +111,10 @@ class Trainer:
         self._stop_requested = False
         self._perm: tuple[int, torch.Tensor] | None = None
         self._nan_steps = _nan_steps_from_env()
+        if t.lr_schedule == "cosine" and t.max_minutes is not None and world.is_main:
+            log.warning("train.lr_schedule='cosine' decays over train.max_steps=%d steps; train.max_minutes=%g may stop "
+                        "the run before the lr has decayed (a resume continues along the same schedule)",
+                        t.max_steps, t.max_minutes)
 
     # ----- state -----
     def state_dict(self) -> dict:
@@ -124,6 +132,11 @@ class Trainer:
                 "config": self.cfg.to_dict()}
 
     def load_state_dict(self, state: dict) -> None:
+        saved_optimizer = state.get("config", {}).get("train", {}).get("optimizer", "adam")
+        if saved_optimizer != self.cfg.train.optimizer:
+            raise ConfigError(f"train.optimizer={self.cfg.train.optimizer!r}, but the checkpoint of {self.run_dir} holds "
+                              f"{saved_optimizer!r} optimizer state, which does not fit it; resume with --set "
+                              f"train.optimizer={saved_optimizer}, or start over with --restart or a new --run-dir")
         if state.get("schema_version") != SCHEMA_VERSION:
             raise CheckpointError(
                 f"the checkpoint of {self.run_dir} has schema_version {state.get('schema_version')}: it was written "
@@ -272,20 +285,35 @@ class Trainer:
             self.epoch, self.batch_in_epoch = self.epoch + 1, 0
 
     # ----- one update -----
+    def lr_at(self, step: int) -> float:
+        """The learning rate of update `step` (a pure function of the step and train.*)."""
+        t = self.cfg.train
+        return lr_at(step, t.lr, warmup_steps=t.lr_warmup_steps, schedule=t.lr_schedule, max_steps=t.max_steps,
+                     lr_min=t.lr_min)
+
     def train_step(self) -> dict:
-        """One optimizer update; returns a dict of float stats (logging happens outside)."""
+        """One optimizer update of train.accumulation_steps micro-batches (this rank's rows in order, split
+        evenly); returns a dict of float stats of the whole update (logging happens outside)."""
         t = self.cfg.train
         beta = kl_warmup_beta(self.step, t.kl_warmup_steps)
         fn = free_nats_at(self.step, t.free_nats, t.free_nats_steps, t.free_nats_cooldown_steps)
-        x, noise = self.next_batch()
+        self.backend.set_lr(self.lr_at(self.step))
         self.backend.forward_module.train()
-        with self.backend.autocast():
-            out = self.backend.forward_module(x, noise=noise)
-        loss = elbo_loss(out, beta=beta, free_nats=fn)
-        total = loss.loss
-        if self._nan_steps == "all" or self.step in self._nan_steps:
-            total = total * float("nan")
-        result = self.backend.step(total)
+        k = t.accumulation_steps
+        totals, parts = [], []
+        for m, rows in enumerate(self.rank_rows().chunk(k)):
+            x, noise = self.next_batch(rows)
+            with self.backend.micro_batch(last=m == k - 1):
+                with self.backend.autocast():
+                    out = self.backend.forward_module(x, noise=noise)
+                loss = elbo_loss(out, beta=beta, free_nats=fn)   # the micro-batch's mean
+                total = loss.loss
+                if self._nan_steps == "all" or self.step in self._nan_steps:
+                    total = total * float("nan")
+                self.backend.backward(total)
+            totals.append(total.detach())
+            parts.append((loss.elbo, loss.log_px, loss.kl))   # detached
+        result = self.backend.step()
         if result.skipped:
             self.counters.skipped_total += 1
             self.counters.skipped_in_row += 1
@@ -300,11 +328,13 @@ class Trainer:
                 self.ema.update(self.model)
         self.counters.images_seen += t.batch_size
         num_dims = math.prod(self.model.input_shape)
-        stats = {"loss": float(total.detach()), "elbo": float(loss.elbo.mean()), "log_px": float(loss.log_px.mean()),
-                 "bpd": float(bits_per_dim(-loss.elbo.mean(), num_dims)), "grad_norm": result.grad_norm,
+        # This rank's update: the micro-batches' mean loss, and per-example means over all of its rows.
+        elbo, log_px, kl = (torch.cat(column) for column in zip(*parts))
+        stats = {"loss": float(torch.stack(totals).mean()), "elbo": float(elbo.mean()), "log_px": float(log_px.mean()),
+                 "bpd": float(bits_per_dim(-elbo.mean(), num_dims)), "grad_norm": result.grad_norm,
                  "skipped": float(result.skipped), "skipped_total": float(self.counters.skipped_total),
                  "beta": beta, "free_nats": fn, "lr": self.backend.lr}
-        for i, kl_i in enumerate(loss.kl.mean(0).tolist()):
+        for i, kl_i in enumerate(kl.mean(0).tolist()):
             stats[f"kl/layer{i + 1}"] = kl_i
         self._advance()
         return stats

@@ -1,11 +1,21 @@
 """The interface every training backend implements: wrap the model, run one update, save/load state.
 
-The engine only calls `forward_module`, `autocast()`, `step(loss)`, `state_dict()` and
-`load_state_dict()`; it never knows which backend it drives. `raw_model` is always the unwrapped
-`HierarchicalVAE`, whose state_dict is what checkpoints store.
+The engine only calls `forward_module`, `autocast()`, `set_lr(lr)`, `micro_batch(last)`, `backward(loss)`,
+`step()`, `state_dict()` and `load_state_dict()`; it never knows which backend it drives. One update is
+
+    backend.set_lr(lr_t)
+    for m in range(train.accumulation_steps):
+        with backend.micro_batch(last=m == accumulation_steps - 1):   # forward and backward of micro-batch m
+            backend.backward(loss_m)                                    # loss_m: the micro-batch's mean loss
+    result = backend.step()                                             # clip, skip or apply, zero the grads
+
+and the backend makes the accumulated gradient the mean over all the update's examples (it divides each
+micro-batch's loss by accumulation_steps); `step(loss)` is the update of a single micro-batch.
+`raw_model` is always the unwrapped `HierarchicalVAE`, whose state_dict is what checkpoints store.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -49,7 +59,20 @@ class Backend:
     def autocast(self):
         return autocast_context(self.cfg.precision, self.device)
 
-    def step(self, loss: torch.Tensor) -> StepResult:
+    def set_lr(self, lr: float) -> None:
+        """The learning rate of the coming update (the engine's `objectives.lr_at` of the step)."""
+        raise NotImplementedError
+
+    def micro_batch(self, last: bool) -> contextlib.AbstractContextManager:
+        """The context of one micro-batch's forward and backward; `last`: the update's final one."""
+        return contextlib.nullcontext()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """Accumulate the gradient of one micro-batch's mean loss, weighted 1 / accumulation_steps."""
+        raise NotImplementedError
+
+    def step(self, loss: torch.Tensor | None = None) -> StepResult:
+        """Apply (or skip) the update of the accumulated gradient; `loss`: backward it first (one micro-batch)."""
         raise NotImplementedError
 
     def model_state_dict(self) -> dict:
@@ -64,7 +87,28 @@ class Backend:
 
     @property
     def lr(self) -> float:
-        return self.cfg.lr
+        """The learning rate of the last update."""
+        raise NotImplementedError
+
+
+def build_optimizer(params: list[torch.Tensor], cfg: TrainConfig, *, fused: bool = False) -> torch.optim.Optimizer:
+    """The torch optimizer of `train.optimizer` over `params`, at lr `train.lr` until `set_lr`. `fused`: the
+    fused implementation (adam / adamw; adamax has none)."""
+    if cfg.optimizer == "adamax":
+        return torch.optim.Adamax(params, lr=cfg.lr)
+    if cfg.optimizer == "adamw":   # torch's AdamW defaults to weight_decay 0.01; ours is train.weight_decay
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused or None)
+    return torch.optim.Adam(params, lr=cfg.lr, fused=fused or None)
+
+
+def set_group_hyperparameters(optimizer: torch.optim.Optimizer, cfg: TrainConfig, lr: float | None = None) -> None:
+    """Every param group's lr (when given) and weight decay from the config: a loaded optimizer state_dict
+    brings back the values it was saved with, and both may change on resume."""
+    for group in optimizer.param_groups:
+        if lr is not None:
+            group["lr"] = lr
+        if cfg.optimizer == "adamw":
+            group["weight_decay"] = cfg.weight_decay
 
 
 def should_skip(grad_norm: float, threshold: float | None) -> bool:

@@ -10,18 +10,32 @@ What it applies to the model for speed, none of which changes a result beyond fl
   * `train.compile`: torch.compile of the forward (and so the backward); off by default, the first steps
     pay the compile time.
   * the update without a host sync: the gradient norm, the skip decision and the Adam step stay on the
-    device (fused Adam takes the skip flag as its `found_inf`, the way GradScaler hands it an overflow), so
-    a GPU does not wait for the host between backward and step. The StepResult holds the device tensors;
-    whoever reads it (the engine's counters and stats) pays the one sync, after the step is queued.
+    device (fused Adam / AdamW take the skip flag as their `found_inf`, the way GradScaler hands it an
+    overflow), so a GPU does not wait for the host between backward and step. The StepResult holds the
+    device tensors; whoever reads it (the engine's counters and stats) pays the one sync, after the step is
+    queued. Adamax has no fused implementation: its skip decision is read on the host.
+
+Gradient accumulation (`train.accumulation_steps` k): each micro-batch's loss is divided by k before its
+backward, so the gradients summed in `.grad` are the mean over the update's examples; under DDP all but
+the last micro-batch run in `no_sync()`, and the last one's backward all-reduces the sum once. Clipping,
+the skip decision and fp16's unscale act once per update, on that accumulated gradient.
 """
 from __future__ import annotations
+
+import contextlib
 
 import torch
 from torch import nn
 
 from hvae_dist.config import TrainConfig
 from hvae_dist.distributed import World
-from hvae_dist.train.backends.base import Backend, StepResult, should_skip_tensor
+from hvae_dist.train.backends.base import (
+    Backend,
+    StepResult,
+    build_optimizer,
+    set_group_hyperparameters,
+    should_skip_tensor,
+)
 
 
 def use_channels_last(cfg: TrainConfig, device: torch.device | str = "cpu") -> bool:
@@ -32,9 +46,9 @@ def use_channels_last(cfg: TrainConfig, device: torch.device | str = "cpu") -> b
     return torch.device(device).type == "cpu" or cfg.precision != "fp32"
 
 
-def _fused_adam_available(params: list[torch.Tensor], device: torch.device) -> bool:
-    """Fused Adam (the on-device skip) runs on CPU and CUDA for floating-point parameters."""
-    return device.type in ("cpu", "cuda") and all(p.is_floating_point() for p in params)
+def _fused_adam_available(params: list[torch.Tensor], device: torch.device, optimizer: str = "adam") -> bool:
+    """Fused Adam / AdamW (the on-device skip) run on CPU and CUDA for floating-point parameters."""
+    return optimizer in ("adam", "adamw") and device.type in ("cpu", "cuda") and all(p.is_floating_point() for p in params)
 
 
 class TorchBackend(Backend):
@@ -57,17 +71,39 @@ class TorchBackend(Backend):
         if cfg.compile:
             self.forward_module = torch.compile(self.forward_module)
         params = list(self.raw_model.parameters())
-        self.fused = _fused_adam_available(params, device)
-        self.optimizer = torch.optim.Adam(params, lr=cfg.lr, fused=self.fused or None)
+        self.fused = _fused_adam_available(params, device, cfg.optimizer)
+        self.optimizer = build_optimizer(params, cfg, fused=self.fused)
         self.scaler = torch.amp.GradScaler(device.type) if cfg.precision == "fp16" else None
 
-    def step(self, loss: torch.Tensor) -> StepResult:
-        params = [p for p in self.raw_model.parameters() if p.grad is not None or p.requires_grad]
+    def set_lr(self, lr: float) -> None:
+        set_group_hyperparameters(self.optimizer, self.cfg, lr)
+
+    @property
+    def lr(self) -> float:
+        return float(self.optimizer.param_groups[0]["lr"])
+
+    def micro_batch(self, last: bool) -> contextlib.AbstractContextManager:
+        """DDP: only the last micro-batch's backward all-reduces (the others accumulate locally)."""
+        if last or not self.world.distributed:
+            return contextlib.nullcontext()
+        ddp = getattr(self.forward_module, "_orig_mod", self.forward_module)   # under torch.compile
+        return ddp.no_sync()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        k = self.cfg.accumulation_steps
+        if k > 1:
+            loss = loss / k
         if self.scaler is not None:
             self.scaler.scale(loss).backward()
-            self.scaler.unscale_(self.optimizer)   # records the overflow check for scaler.update()
         else:
             loss.backward()
+
+    def step(self, loss: torch.Tensor | None = None) -> StepResult:
+        if loss is not None:
+            self.backward(loss)
+        params = [p for p in self.raw_model.parameters() if p.grad is not None or p.requires_grad]
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)   # records the overflow check for scaler.update()
         max_norm = self.cfg.grad_clip if self.cfg.grad_clip > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)       # 0-d, on the device
         skip = should_skip_tensor(grad_norm, self.cfg.skip_threshold)
@@ -91,6 +127,7 @@ class TorchBackend(Backend):
 
     def load_state_dict(self, state: dict) -> None:
         self.optimizer.load_state_dict(state["optimizer"])
+        set_group_hyperparameters(self.optimizer, self.cfg)   # train.weight_decay may change on resume
         _match_state_layout(self.optimizer)
         if self.scaler is not None and state.get("scaler") is not None:
             self.scaler.load_state_dict(state["scaler"])

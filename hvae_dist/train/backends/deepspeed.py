@@ -1,8 +1,14 @@
 """DeepSpeed backend: ZeRO stage 0/1/2, DeepSpeed's own bf16 / fp16 (dynamic loss scaling), one checkpoint format.
 
 The DeepSpeed JSON is generated from `TrainConfig` (see `deepspeed_config`) and a user JSON given as
-`train.deepspeed_config` is deep-merged over it. The optimizer is always a `torch.optim.Adam` built
-here and handed to `deepspeed.initialize`, so DeepSpeed never JIT-builds its fused Adam.
+`train.deepspeed_config` is deep-merged over it. The optimizer is always the `torch.optim` optimizer of
+`train.optimizer` (`base.build_optimizer`) handed to `deepspeed.initialize`, so DeepSpeed never JIT-builds
+its fused Adam; the engine sets its lr before every update (DeepSpeed has no scheduler of its own here).
+
+Gradient accumulation: `gradient_accumulation_steps` = `train.accumulation_steps` (k), micro-batch =
+batch_size / (ranks x k). Every micro-batch is `engine.backward(loss)` (DeepSpeed divides the loss by k)
+and `engine.step()`; DeepSpeed counts the calls and reduces, clips and applies the update only at the
+k-th, so an update never spans two of the engine's updates (either all k calls reach DeepSpeed, or none).
 
 Precision: with bf16/fp16 DeepSpeed casts the module's parameters to 16 bits and keeps fp32 master
 weights in its optimizer. The forward still runs under `torch.autocast` (the Backend default): the
@@ -11,8 +17,12 @@ likelihood and KL math), and autocast casts them to the 16-bit parameters' dtype
 
 Skipping: DeepSpeed applies the update inside `engine.step()`, after clipping, so a grad-norm
 threshold (`train.skip_threshold`) cannot be honoured and is refused. What is skipped:
-  * a non-finite loss on ANY rank: a finiteness flag is all-reduced (MIN) before backward and every
-    rank skips backward and step alike (StepResult(nan, skipped=True));
+  * a non-finite loss on ANY rank: a finiteness flag is all-reduced (MIN) before each backward and every
+    rank skips the update alike (StepResult(nan, skipped=True)). When it is the update's first
+    micro-batch, nothing reaches DeepSpeed (as without accumulation). When earlier micro-batches were
+    already backwarded, DeepSpeed's count must still reach the boundary: the rest of the update's
+    micro-batches backward a zero loss and the boundary `engine.step()` runs with the torch optimizer's
+    own `step` disabled for that call, so no weight, moment or step count changes;
   * fp16 overflow: DeepSpeed's own loss scaler skips the step and lowers the scale
     (`engine.was_step_applied()` is False).
 
@@ -41,11 +51,11 @@ from torch import nn
 from hvae_dist.config import ZERO_STAGES, TrainConfig, deep_merge
 from hvae_dist.distributed import World, device_for, export_slurm_rendezvous
 from hvae_dist.errors import CheckpointError, ConfigError
-from hvae_dist.train.backends.base import Backend, StepResult
+from hvae_dist.train.backends.base import Backend, StepResult, build_optimizer, set_group_hyperparameters
 
 log = logging.getLogger("hvae_dist.train")
-# Keys of the generated config that the engine's data flow depends on: one micro-batch of
-# batch_size / world per rank and one optimizer step per engine step.
+# Keys of the generated config that the engine's data flow depends on: micro-batches of
+# batch_size / (world x accumulation_steps) per rank, accumulation_steps of them per optimizer step.
 _FIXED_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
 
 
@@ -92,22 +102,28 @@ def read_user_deepspeed_config(path: str) -> dict:
     for key in ("optimizer", "scheduler"):
         if key in data:
             raise ConfigError(f"config key 'train.deepspeed_config': {path} sets '{key}', but the optimizer is always "
-                              "Adam with train.lr (built by hvae_dist); remove the '{key}' section")
+                              "train.optimizer with train.lr and its schedule (built by hvae_dist); remove the "
+                              f"'{key}' section")
     return data
 
 
 def deepspeed_config(cfg: TrainConfig, world: World) -> dict:
     """The DeepSpeed JSON of a run: generated from `cfg`, then `cfg.deepspeed_config` deep-merged over it."""
-    micro = cfg.batch_size // world.world_size
+    k = cfg.accumulation_steps
+    micro = cfg.batch_size // (world.world_size * k)
+    generated = {"train_batch_size": micro * world.world_size * k, "train_micro_batch_size_per_gpu": micro,
+                 "gradient_accumulation_steps": k}
     ds: dict[str, Any] = {
-        "train_batch_size": micro * world.world_size,
-        "train_micro_batch_size_per_gpu": micro,
-        "gradient_accumulation_steps": 1,
+        **generated,
         "gradient_clipping": float(cfg.grad_clip),   # 0: off
         "zero_optimization": {"stage": cfg.deepspeed_zero_stage},
         "steps_per_print": 2**31 - 1,                 # the engine logs; keep DeepSpeed quiet
         "wall_clock_breakdown": False,
     }
+    if cfg.optimizer == "adamax":
+        # DeepSpeed lists Adam and AdamW as tested with ZeRO, not Adamax (elementwise too: a partition's
+        # update is the whole tensor's).
+        ds["zero_allow_untested_optimizer"] = True
     if cfg.precision == "bf16":
         ds["bf16"] = {"enabled": True}
     elif cfg.precision == "fp16":
@@ -116,13 +132,12 @@ def deepspeed_config(cfg: TrainConfig, world: World) -> dict:
                       "hysteresis": 2, "min_loss_scale": 1}
     if cfg.deepspeed_config:
         ds = deep_merge(ds, read_user_deepspeed_config(cfg.deepspeed_config))
-        generated = {"train_batch_size": micro * world.world_size, "train_micro_batch_size_per_gpu": micro,
-                     "gradient_accumulation_steps": 1}
         for key in _FIXED_KEYS:
             if ds.get(key) != generated[key]:
                 raise ConfigError(f"config key 'train.deepspeed_config': {cfg.deepspeed_config} sets {key}={ds.get(key)!r}, "
                                   f"but the run needs {generated[key]!r} (train.batch_size={cfg.batch_size} over "
-                                  f"{world.world_size} rank(s), one optimizer step per batch); change train.batch_size instead")
+                                  f"{world.world_size} rank(s) and train.accumulation_steps={k} micro-batches); change "
+                                  "train.batch_size / train.accumulation_steps instead")
         stage = ds.get("zero_optimization", {}).get("stage", 0)
         if stage not in ZERO_STAGES:
             raise ConfigError(f"config key 'train.deepspeed_config': {cfg.deepspeed_config} sets zero_optimization.stage="
@@ -177,29 +192,58 @@ class DeepSpeedBackend(Backend):
         self.ds_config = deepspeed_config(cfg, world)
         self.zero_stage = int(self.ds_config.get("zero_optimization", {}).get("stage", 0))
         model = model.to(device)
-        optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-        self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=self.ds_config)
+        self.optimizer = build_optimizer(list(model.parameters()), cfg)   # DeepSpeed's wrappers step this one
+        self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=self.optimizer, config=self.ds_config)
         self.raw_model = self.engine.module
         self.forward_module = self.engine
         # Stage 0 in fp32 leaves the optimizer a plain torch Adam: DeepSpeed reports no grad norm then.
         self._own_grad_norm = not (self.engine.zero_optimization() or self.engine.bfloat16_enabled()
                                    or self.engine.fp16_enabled())
+        # The update in progress: micro-batches DeepSpeed has seen, and whether the update is skipped.
+        self._fed, self._skip = 0, False
         if world.is_main:
             log.info("DeepSpeed engine: zero_stage %d, bf16 %s, fp16 %s, gradient_clipping %g, micro_batch %d, "
-                     "optimizer %s", self.engine.zero_optimization_stage(), self.engine.bfloat16_enabled(),
-                     self.engine.fp16_enabled(), self.engine.gradient_clipping(),
-                     self.engine.train_micro_batch_size_per_gpu(), type(self.engine.optimizer).__name__)
+                     "gradient_accumulation_steps %d, optimizer %s (%s)", self.engine.zero_optimization_stage(),
+                     self.engine.bfloat16_enabled(), self.engine.fp16_enabled(), self.engine.gradient_clipping(),
+                     self.engine.train_micro_batch_size_per_gpu(), self.engine.gradient_accumulation_steps(),
+                     type(self.engine.optimizer).__name__, type(self.optimizer).__name__)
 
     # ----- one update -----
-    def step(self, loss: torch.Tensor) -> StepResult:
+    def set_lr(self, lr: float) -> None:
+        for group in self.optimizer.param_groups:   # the groups DeepSpeed's ZeRO / bf16 wrappers step with
+            group["lr"] = lr
+
+    def backward(self, loss: torch.Tensor) -> None:
         finite = torch.isfinite(loss.detach()).to(torch.float32).reshape(1)
         if self.world.distributed:
             torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
         if finite.item() < 1.0:
-            # Some rank's loss is non-finite: nobody runs backward, so no rank enters DeepSpeed's
-            # gradient all-reduce and no update is applied anywhere.
-            return StepResult(grad_norm=float("nan"), skipped=True)
+            self._skip = True   # on every rank alike: the flag is all-reduced
+        if self._skip and not self._fed:
+            # Nothing of this update reached DeepSpeed: no rank runs backward (so none enters its gradient
+            # reduction), and its micro-batch count stays on the update boundaries.
+            return
+        if self._skip:
+            # A later micro-batch: the zero gradient of every parameter, whatever their values, so that the
+            # count reaches the boundary with finite gradients (discarded there, see step()).
+            loss = sum(p.sum() for p in self.raw_model.parameters() if p.requires_grad) * 0.0
         self.engine.backward(loss)
+        self._fed += 1
+        if self._fed < self.cfg.accumulation_steps:
+            self.engine.step()   # not the boundary: DeepSpeed only counts the micro-batch
+
+    def step(self, loss: torch.Tensor | None = None) -> StepResult:
+        if loss is not None:
+            self.backward(loss)
+        fed, skip = self._fed, self._skip
+        self._fed, self._skip = 0, False
+        if skip:
+            if fed:
+                _no_optimizer_step(self.optimizer, self.engine.step)   # the boundary, nothing applied
+            return StepResult(grad_norm=float("nan"), skipped=True)
+        if fed != self.cfg.accumulation_steps:
+            raise RuntimeError(f"step() after {fed} micro-batch backward(s); train.accumulation_steps is "
+                               f"{self.cfg.accumulation_steps}")
         own_norm = None
         if self._own_grad_norm:  # after backward the gradients are already averaged over ranks
             grads = [p.grad for p in self.raw_model.parameters() if p.grad is not None]
@@ -268,3 +312,14 @@ class DeepSpeedBackend(Backend):
                                       load_from_fp32_weights=True)
         else:  # plain torch Adam (stage 0 fp32) or DeepSpeed's fp16 optimizer: this rank's state
             optimizer.load_state_dict(mine["state"])
+        set_group_hyperparameters(self.optimizer, self.cfg)   # train.weight_decay may change on resume
+
+
+def _no_optimizer_step(optimizer: torch.optim.Optimizer, engine_step) -> None:
+    """Run `engine_step()` (DeepSpeed's boundary: clip, step, copy back, zero the gradients, count) with
+    `optimizer.step` a no-op: the weights, moments and step counts stay as they were."""
+    optimizer.step = lambda *args, **kwargs: None   # an instance attribute shadows the class's step
+    try:
+        engine_step()
+    finally:
+        del optimizer.step
