@@ -78,3 +78,33 @@ def test_paper_presets_evaluate_in_well_under_the_time_between_evaluations(name)
     evaluation = len(cfg.data.val_datasets) * t.eval_examples * bounds * t.eval_iw_samples
     training = t.eval_every * t.batch_size * 3
     assert evaluation < 0.05 * training, (evaluation, training)
+
+
+@pytest.mark.parametrize("overrides, fragment", [
+    (["train.lr_schedule=linear"], "'train.lr_schedule': 'linear' is not allowed; choose one of constant, cosine"),
+    (["train.optimizer=sgd"], "'train.optimizer': 'sgd' is not allowed; choose one of adam, adamax, adamw"),
+    (["train.lr_warmup_steps=-1"], "'train.lr_warmup_steps': -1 must be >= 0"),
+    (["train.lr_min=1e-6"], "'train.lr_min': 1e-06 is only used by train.lr_schedule='cosine'"),
+    (["train.lr_schedule=cosine", "train.lr_min=1.0"], "'train.lr_min': 1.0 is above train.lr=0.001"),
+    (["train.lr_schedule=cosine", "train.lr_warmup_steps=20000"],
+     "'train.lr_warmup_steps': 20000 is not below train.max_steps=20000"),
+    (["train.weight_decay=0.01"], "'train.weight_decay': 0.01 is only applied by train.optimizer='adamw'"),
+    (["train.optimizer=adamax", "train.weight_decay=0.01"], "not by 'adamax'"),
+    (["train.weight_decay=-0.1", "train.optimizer=adamw"], "'train.weight_decay': -0.1 must be >= 0"),
+    (["train.accumulation_steps=0"], "'train.accumulation_steps': 0 must be > 0"),
+    (["train.accumulation_steps=3"], "'train.accumulation_steps': 3 does not divide train.batch_size=64"),
+    (["train.accumulation_steps=1.5"], "'train.accumulation_steps': expected int"),
+])
+def test_bad_lr_schedule_optimizer_and_accumulation_settings_are_refused_naming_the_key(overrides, fragment):
+    with pytest.raises(ConfigError) as e:
+        load_config("tiny", overrides)
+    assert fragment in str(e.value)
+
+
+def test_the_recipe_defaults_are_the_plain_adam_run():
+    t = load_config("tiny").train
+    assert (t.optimizer, t.lr_schedule, t.lr_warmup_steps, t.lr_min, t.weight_decay, t.accumulation_steps) == \
+        ("adam", "constant", 0, 0.0, 0.0, 1)
+    good = load_config("tiny", ["train.lr_schedule=cosine", "train.lr_warmup_steps=100", "train.lr_min=1e-5",
+                                "train.optimizer=adamw", "train.weight_decay=0.01", "train.accumulation_steps=4"]).train
+    assert good.accumulation_steps == 4 and good.optimizer == "adamw"
