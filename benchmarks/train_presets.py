@@ -41,7 +41,7 @@ from hvae_dist.nn.precision import autocast_context
 from hvae_dist.objectives import elbo_loss, free_nats_at, kl_warmup_beta
 from hvae_dist.train.engine import Trainer
 
-DATASETS = {"fashionmnist": "FashionMNIST", "cifar10": "UniformNoise-32x32-rgb"}
+DATASETS = {"fashionmnist": "FashionMNIST", "cifar10": "UniformNoise-32x32-rgb", "tiny": "FashionMNIST"}
 
 
 def overrides(args, precision: str, extra: tuple[str, ...] = ()) -> list[str]:
