@@ -323,7 +323,8 @@ def test_preempted_score_shards_resume_their_files_without_loss_or_duplication(t
 
     interrupt(0, [["scancel", "--signal=TERM"], ["scancel", "--signal=USR2"]])
     interrupt(2, [["scontrol", "requeue"]])
-    assert wait_done(array, 600, expect=3) == ["COMPLETED"] * 3
+    states = wait_done(array, 600, expect=3)
+    assert states == ["COMPLETED"] * 3, (states, sacct(array, duplicates=True))   # every attempt's state, if not
     assert wait_done(ids["merge"], 300) == ["COMPLETED"]
     records = [r.split("|") for r in sacct(array, duplicates=True)]
     requeued = {jid for jid, state in records if state.startswith("REQUEUED")}
