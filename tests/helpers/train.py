@@ -18,6 +18,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[2]
@@ -34,6 +35,16 @@ SMALL_SETTINGS = {
     "train.log_every": 1,
     "train.keep_last": 1000,
 }
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One intra-op thread (autouse where a test module binds it): the runs are tiny, the machine is shared,
+    and bitwise comparisons need the same thread count in every run."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def small_deterministic_config(channels: int = SMALL_CHANNELS) -> list:

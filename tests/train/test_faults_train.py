@@ -30,13 +30,7 @@ from hvae_dist.errors import CheckpointError
 CKPT_EVERY = 2
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: the runs are tiny and the machine is shared."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+one_thread = th.one_thread   # autouse: one intra-op thread in every test of this file
 
 
 def _train(run_dir, max_steps: int, *extra: str, **settings) -> int:

@@ -19,13 +19,7 @@ from hvae_dist.train.monitor import Monitor
 CPU = torch.device("cpu")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: the runs are tiny and the machine is shared."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+one_thread = th.one_thread   # autouse: one intra-op thread in every test of this file
 
 
 def _trainer(run_dir, monitor: bool = False, **settings) -> Trainer:

@@ -276,6 +276,19 @@ struct Lse {
   HOST_DEVICE T value() const { return mx + d_log(s); }
 };
 
+// Component m's logit a and joint term j = a + log p(x | m) into the two running log-sum-exps (m == 0 starts
+// them): la over the logits, lj over the joints.
+template <typename T>
+HOST_DEVICE void push_component(int m, T a, T j, Lse<T>& la, Lse<T>& lj) {
+  if (m == 0) {
+    la.init(a);
+    lj.init(j);
+  } else {
+    la.add(a);
+    lj.add(j);
+  }
+}
+
 // One component's contribution to the pixel's two running log-sum-exps: la over the logits and lj over
 // logit_m + log p(x | m). The pixel's log p(x) is lj.value() - la.value().
 template <int C, typename T, typename P>
@@ -284,13 +297,7 @@ HOST_DEVICE void component_accumulate(const P* prm, int64_t stride, const Layout
   T dmu[C], dls[C], tc[C], dtc[C];
   const T a = static_cast<T>(prm[m * stride]);
   const T j = a + component_log_prob<C, T, P, false>(prm, stride, L, m, xv, bins, dmu, dls, tc, dtc);
-  if (m == 0) {
-    la.init(a);
-    lj.init(j);
-  } else {
-    la.add(a);
-    lj.add(j);
-  }
+  push_component(m, a, j, la, lj);
 }
 
 // log p(x) of one pixel: logsumexp_m(log_softmax(logits)_m + sum_c log p_c(x | m)).
@@ -377,13 +384,7 @@ DMOL_UNROLL
   for (int q = num_pairs<C>(); q < C; ++q)  // unused slots
     gout[(L.coef0 + q * L.M + m) * stride] = T(0);
   const T j = a + lc;
-  if (m == 0) {
-    la.init(a);
-    lj.init(j);
-  } else {
-    la.add(a);
-    lj.add(j);
-  }
+  push_component(m, a, j, la, lj);
 }
 
 // Pass 2 for component m, given lse_a = logsumexp of the logits and lp = log p(x):

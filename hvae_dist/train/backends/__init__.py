@@ -8,9 +8,9 @@ from torch import nn
 
 from hvae_dist.config import TrainConfig
 from hvae_dist.distributed import World
-from hvae_dist.train.backends.base import Backend, StepResult, should_skip
+from hvae_dist.train.backends.base import Backend, StepResult
 
-__all__ = ["Backend", "StepResult", "make_backend", "should_skip"]
+__all__ = ["Backend", "StepResult", "make_backend"]
 
 
 def make_backend(model: nn.Module, cfg: TrainConfig, world: World, device: torch.device) -> Backend:

@@ -16,7 +16,6 @@ micro-batch's loss by accumulation_steps); `step(loss)` is the update of a singl
 from __future__ import annotations
 
 import contextlib
-import math
 
 import torch
 from torch import nn
@@ -111,13 +110,9 @@ def set_group_hyperparameters(optimizer: torch.optim.Optimizer, cfg: TrainConfig
             group["weight_decay"] = cfg.weight_decay
 
 
-def should_skip(grad_norm: float, threshold: float | None) -> bool:
-    """Skip non-finite gradient norms always, and norms above `threshold` when one is set."""
-    return not math.isfinite(grad_norm) or (threshold is not None and grad_norm > threshold)
-
-
 def should_skip_tensor(grad_norm: torch.Tensor, threshold: float | None) -> torch.Tensor:
-    """`should_skip` on the device: a 0-d bool tensor, no host sync."""
+    """Skip non-finite gradient norms always, and norms above `threshold` when one is set: a 0-d bool tensor
+    on the norm's device (no host sync)."""
     skip = ~torch.isfinite(grad_norm)
     return skip if threshold is None else skip | (grad_norm > threshold)
 
