@@ -15,7 +15,7 @@ from pathlib import Path
 
 from hvae_dist.cli import main as hvae
 from hvae_dist.config import SCORE_PRECISIONS
-from hvae_dist.experiments.recipe import RECIPE
+from hvae_dist.experiments.recipe import RECIPE, recipe_set_args
 
 EXAMPLES = """examples:
   hvae demo                                   # about 10 min of training + scoring on a CPU -> runs/demo/
@@ -52,9 +52,7 @@ def run_demo(args: argparse.Namespace) -> int:
     run_dir, scores, report = out / "run", out / "scores", out / "report"
     t0 = time.monotonic()
     train = ["train", "--config", args.config, "--run-dir", str(run_dir), "--precision", args.precision,
-             "--set", f"train.max_minutes={args.minutes}"]
-    for item in (*RECIPE, *args.overrides):
-        train += ["--set", item]
+             "--set", f"train.max_minutes={args.minutes}", *recipe_set_args(args.overrides)]
     if (run_dir / "config.json").exists():  # resume the same run; its config stays as it was
         train = ["train", "--run-dir", str(run_dir), "--set", f"train.max_minutes={args.minutes}"]
     _run(train)

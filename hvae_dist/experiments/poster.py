@@ -23,7 +23,7 @@ from pathlib import Path
 
 from hvae_dist.cli import main as hvae
 from hvae_dist.errors import DatasetUnavailableError, HvaeError
-from hvae_dist.experiments.recipe import RECIPE
+from hvae_dist.experiments.recipe import recipe_set_args
 
 IN_DISTS = ("FashionMNIST", "MNIST")
 # (trained on, paper's OOD name) -> (paper's k, paper's AUROC of LLR>k)
@@ -94,9 +94,8 @@ def run_poster(out: str | Path, minutes: float = 30.0, config: str = "tiny", iw_
         if not (run_dir / "config.json").exists():
             other = "FashionMNIST" if in_dist == "MNIST" else "MNIST"
             val = json.dumps([f"{in_dist}:validation", f"{other}:validation"])
-            train += ["--config", config, "--set", f"data.dataset={in_dist}", "--set", f"data.val_datasets={val}"]
-            for item in (*RECIPE, *(overrides or [])):
-                train += ["--set", item]
+            train += ["--config", config, "--set", f"data.dataset={in_dist}", "--set", f"data.val_datasets={val}",
+                      *recipe_set_args(overrides)]
         _stage(run_dir / "poster", train)
         names, missing = resolvable(ood_candidates(in_dist), data_root)
         missing_all.update({(in_dist, n): why for n, why in missing.items()})

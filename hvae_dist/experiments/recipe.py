@@ -11,3 +11,8 @@ steps) 0.950; lr 2e-3 with a 200-step warm-up 0.978, with cosine decay as well 0
 from __future__ import annotations
 
 RECIPE: tuple[str, ...] = ("train.ema_decay=0.999",)
+
+
+def recipe_set_args(overrides: list[str] | None = None) -> list[str]:
+    """`hvae train` arguments for the recipe then the user's overrides: ["--set", KEY=VALUE, ...] (later wins)."""
+    return [arg for item in (*RECIPE, *(overrides or [])) for arg in ("--set", item)]

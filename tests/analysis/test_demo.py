@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 
+import h5py
+
+from hvae_dist.checkpoint import load_checkpoint
 from hvae_dist.cli import main as hvae
 from hvae_dist.experiments.recipe import RECIPE
 
@@ -23,10 +26,11 @@ def test_demo_trains_with_the_recipe_and_writes_the_report(tmp_path, capsys):
     assert "--set train.ema_decay=0.999" in capsys.readouterr().out        # the printed command shows it
     metrics = json.loads((tmp_path / "report" / "metrics.json").read_text())
     assert {r["score"] for r in metrics["rows"]} >= {"nll", "llr1"}
-    scores = (tmp_path / "scores" / "scores.h5")
-    import h5py
-    with h5py.File(scores) as f:
-        assert f.attrs["ema"]                                               # scored with the EMA weights
+    # The checkpoint holds EMA weights and the scorer was asked for them (the attribute records the request).
+    state = load_checkpoint(tmp_path / "run" / "checkpoints" / "latest.pt")
+    assert state["ema"] is not None
+    with h5py.File(tmp_path / "scores" / "scores.h5") as f:
+        assert f.attrs["ema"]
 
 
 def test_a_users_set_overrides_the_recipe(tmp_path):
