@@ -13,7 +13,7 @@ Both methods compute ELBO_S and L>1_S (the issue's "ELBO + L>1") for the first e
     --baseline-samples per bound and its examples/s scaled by baseline-samples / S (printed as "timed
     at ..."; pass --baseline-samples S to time it in full). It runs before the first IWScorer case and
     after each one; the median of these runs is the baseline.
-  * IWScorer fp32 / bf16 -- `hvae_dist.score.IWScorer` exactly as `hvae score` builds it without tuning
+  * IWScorer fp32 / bf16 -- `hvae_dist.estimators.IWScorer` exactly as `hvae score` builds it without tuning
     flags: ScoreSettings defaults (sample_chunk "auto") on a batch of the device's default size (16 on a
     CPU, 128 on a GPU; --examples overrides); only --precision differs. Timed at the full S.
   * with --nhwc, IWScorer bf16 on the model converted to channels_last (not what `hvae score` does: a
@@ -38,8 +38,8 @@ from bench_common import count_flops, header, interleaved, peak_conv_cases, peak
 
 from hvae_dist.config import load_config
 from hvae_dist.data import get_dataset, preprocess_batch
+from hvae_dist.estimators.scorer import IWScorer, ScoreSettings, default_batch_size, resolve_sample_chunk
 from hvae_dist.model import build_model, lk_modes
-from hvae_dist.score.scorer import IWScorer, ScoreSettings, default_batch_size, resolve_sample_chunk
 
 DATASETS = {"fashionmnist": ("FashionMNIST", "test"), "cifar10": ("CIFAR10", "test")}
 KS = [1]

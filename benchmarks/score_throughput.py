@@ -10,7 +10,7 @@ same examples under torch.inference_mode, with the same thread count:
   batch of examples; all S log-weights kept, then logsumexp. Its cost is linear in S, so with
   --baseline-samples B < S it is timed over B samples per bound and its examples/s scaled by B / S
   (printed as "extrapolated"); pass --baseline-samples S to time it in full.
-- ours (`hvae_dist.score.IWScorer`): precompute once per example, samples streamed in chunks of
+- ours (`hvae_dist.estimators.IWScorer`): precompute once per example, samples streamed in chunks of
   --sample-chunk per example (rows per pass = examples * chunk), counter-based noise, online logsumexp.
 
 Each measurement runs in a fresh process, so peak memory is that process's peak RSS above its RSS
@@ -69,7 +69,7 @@ def _sequential(model, x_uint8, samples, ks, device):
 def _worker(method: str, samples: int, args, queue) -> None:
     import torch
 
-    from hvae_dist.score.scorer import IWScorer, ScoreSettings
+    from hvae_dist.estimators.scorer import IWScorer, ScoreSettings
 
     model, cfg, x, device = _setup(args)
     ks = [1, 2]

@@ -43,9 +43,9 @@ from typing import Any
 
 import numpy as np
 
+from hvae_dist.data import group_name
 from hvae_dist.errors import ConfigError, ScoreFileError
-from hvae_dist.score.complexity import METHODS as COMPLEXITY_METHODS
-from hvae_dist.score.layout import group_name
+from hvae_dist.estimators.complexity import METHODS as COMPLEXITY_METHODS
 from hvae_dist.score.reader import read_scores
 
 TPR_LEVEL = 0.8

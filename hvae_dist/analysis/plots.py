@@ -160,7 +160,7 @@ def make_figures(result: Analysis) -> dict[str, Figure]:
 
 def save_figures(figures: dict[str, Figure], out: Path, dpi: int = 120) -> list[Path]:
     """Write each figure to out/<name>.png (atomically: rendered in memory, then `write_bytes_atomic`)."""
-    from hvae_dist.score.atomic import write_bytes_atomic
+    from hvae_dist.files import write_bytes_atomic
 
     paths = []
     for name, fig in figures.items():

@@ -1,6 +1,6 @@
 """What `hvae analyze` writes: the terminal table, metrics.{md,csv,json}, figures and TensorBoard.
 
-Every file is written atomically (`hvae_dist.score.atomic`: temp file, fsync, rename; the temp file is
+Every file is written atomically (`hvae_dist.files`: temp file, fsync, rename; the temp file is
 removed on failure), so a full disk leaves the previous report or none, never a 0-byte metrics.md.
 TensorBoard event files are appended by TensorBoard's own writer.
 """
@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from hvae_dist.analysis.metrics import METRICS, Analysis, run_analysis
-from hvae_dist.score.atomic import with_path, write_text_atomic
+from hvae_dist.files import with_path, write_text_atomic
 
 
 def analyze(score_file: str | Path, in_dist: str, out_dir: str | Path | None = None,
@@ -44,7 +44,7 @@ def report(result: Analysis, out_dir: str | Path | None, plots: bool = True,
         written += plotting.save_figures(figures, out)
         if plots:
             from hvae_dist.analysis.html import build_html
-            from hvae_dist.score.atomic import write_bytes_atomic
+            from hvae_dist.files import write_bytes_atomic
 
             written.append(write_bytes_atomic(out / "report.html", build_html(result, figures).encode()))
     if tensorboard is not None:

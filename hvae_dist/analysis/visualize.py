@@ -1,4 +1,4 @@
-"""Look inside a model: `hvae visualize` draws the reconstruction grid of `hvae_dist.score.reconstructions`
+"""Look inside a model: `hvae visualize` draws the reconstruction grid of `hvae_dist.estimators.reconstructions`
 (one row per example, the first `examples` of each dataset one below the other; columns: the input, the
 L>k decode for k = 0 .. L-1, prior samples at temperatures) with its column and dataset labels.
 
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from hvae_dist.score.reconstructions import DEFAULT_TEMPERATURES, ReconstructionGrid, reconstruction_grid
+from hvae_dist.estimators.reconstructions import DEFAULT_TEMPERATURES, ReconstructionGrid, reconstruction_grid
 
 
 def grid_figure(grid: ReconstructionGrid, title: str = ""):
@@ -61,9 +61,8 @@ def visualize_run(run_dir: str | Path, datasets: Sequence[str], out: str | Path 
     """`hvae visualize`: the grid of a run's checkpoint for `datasets` (NAME:SPLIT), written to
     OUT/reconstructions.png (OUT defaults to RUN_DIR/visualize). Returns the PNG's path."""
     from hvae_dist.checkpoint import load_model_for_eval
-    from hvae_dist.data import get_dataset, parse_dataset_spec
+    from hvae_dist.data import get_dataset, group_name, parse_dataset_spec
     from hvae_dist.errors import ConfigError
-    from hvae_dist.score.layout import group_name
 
     if examples < 1:
         raise ConfigError(f"--examples must be >= 1, got {examples}")

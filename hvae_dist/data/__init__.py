@@ -12,6 +12,7 @@ from hvae_dist.data.registry import (
     RootHint,
     canonical_name,
     get_dataset,
+    group_name,
     load_arrays,
     parse_dataset_spec,
 )
@@ -24,6 +25,7 @@ __all__ = [
     "RootHint",
     "canonical_name",
     "get_dataset",
+    "group_name",
     "load_arrays",
     "parse_dataset_spec",
     "perturb",

@@ -308,3 +308,15 @@ def get_dataset(name: str, split: str, root: str | None = None, download: bool =
             raise ConfigError(f"max_examples must be a positive integer or None, got {max_examples!r}")
         images, labels = images[:int(max_examples)], labels[:int(max_examples)]
     return ArrayDataset(images, labels, canon, split)
+
+
+def group_name(spec: str) -> str:
+    """"FashionMNIST:test" -> "FashionMNIST/test", the score file's group of a NAME:SPLIT spec.
+
+    Syntax only (any name; analysis reads files of any origin): `hvae score` canonicalizes the dataset
+    name with `data.parse_dataset_spec` first.
+    """
+    name, sep, split = spec.partition(":")
+    if not sep or not name or not split or "/" in name or ":" in split:
+        raise ConfigError(f"dataset {spec!r}: expected NAME:SPLIT, e.g. FashionMNIST:test")
+    return f"{name}/{split}"

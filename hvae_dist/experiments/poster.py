@@ -143,7 +143,7 @@ def _fmt(v) -> str:
 
 
 def _write_table(out: Path, rows: list[dict], minutes: float, iw_samples: int, max_examples: int) -> Path:
-    from hvae_dist.score.atomic import write_bytes_atomic
+    from hvae_dist.files import write_bytes_atomic
 
     head = ["trained on", "OOD (paper)", "OOD (ours)", "k", "paper AUROC LLR>k", "ours AUROC LLR>k",
             "ours AUROC -ELBO", "ours best k (AUROC)", "note"]

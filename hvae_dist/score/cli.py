@@ -99,9 +99,9 @@ def add_score_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_score(args: argparse.Namespace) -> int:
+    from hvae_dist.estimators.scorer import ScoreSettings
     from hvae_dist.score.plan import resolve_shard
     from hvae_dist.score.runner import ScoreJob, run_score_job
-    from hvae_dist.score.scorer import ScoreSettings
 
     # SLURM preemption / scancel / requeue send SIGTERM: unwind so the shard's HDF5 file is closed cleanly
     # (rows are marked complete only after they are written; a re-run resumes at the first incomplete one).

@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from hvae_dist.errors import ConfigError, ScoreFileError
+from hvae_dist.errors import ScoreFileError
 
 FORMAT_VERSION = 2
 """2: chunked datasets with Fletcher32 checksums. 1: contiguous, unchecked (readable, not resumable or mergeable)."""
@@ -111,15 +111,3 @@ def open_h5(path: Path, mode: str):
     except (OSError, ValueError) as e:
         raise ScoreFileError(f"{path}: cannot be opened as an HDF5 score file ({e}). It is truncated, corrupt or "
                              f"in use by another process; if no job is writing it, delete it and re-run") from e
-
-
-def group_name(spec: str) -> str:
-    """"FashionMNIST:test" -> "FashionMNIST/test", the score file's group of a NAME:SPLIT spec.
-
-    Syntax only (any name; analysis reads files of any origin): `hvae score` canonicalizes the dataset
-    name with `data.parse_dataset_spec` first.
-    """
-    name, sep, split = spec.partition(":")
-    if not sep or not name or not split or "/" in name or ":" in split:
-        raise ConfigError(f"dataset {spec!r}: expected NAME:SPLIT, e.g. FashionMNIST:test")
-    return f"{name}/{split}"

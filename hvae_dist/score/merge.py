@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from hvae_dist.errors import ScoreFileError
-from hvae_dist.score.atomic import hdf5_image, write_bytes_atomic
+from hvae_dist.files import hdf5_image, write_bytes_atomic
 from hvae_dist.score.layout import (
     FORMAT_VERSION,
     IDENTITY_ATTRS,

@@ -20,14 +20,14 @@ import torch
 from hvae_dist import __version__
 from hvae_dist.checkpoint import load_model_for_eval
 from hvae_dist.config import config_from_dict
-from hvae_dist.data import RootHint, get_dataset, parse_dataset_spec
+from hvae_dist.data import RootHint, get_dataset, group_name, parse_dataset_spec
 from hvae_dist.distributed import detect_world, device_for
 from hvae_dist.errors import CheckpointError, ConfigError
-from hvae_dist.score.complexity import METHODS as COMPLEXITY_METHODS
-from hvae_dist.score.complexity import compressed_size_nats
-from hvae_dist.score.layout import FORMAT_VERSION, file_sha256, group_name
+from hvae_dist.estimators.complexity import METHODS as COMPLEXITY_METHODS
+from hvae_dist.estimators.complexity import compressed_size_nats
+from hvae_dist.estimators.scorer import IWScorer, ScoreSettings, default_batch_size
+from hvae_dist.score.layout import FORMAT_VERSION, file_sha256
 from hvae_dist.score.plan import ShardPlan
-from hvae_dist.score.scorer import IWScorer, ScoreSettings, default_batch_size
 from hvae_dist.score.writer import GroupSpec, ShardWriter, lock_shard
 
 TRACE_ENV = "HVAE_SCORE_TRACE"

@@ -16,8 +16,8 @@ from typing import Any
 import numpy as np
 
 from hvae_dist.errors import ScoreFileError
+from hvae_dist.files import hdf5_image, with_path, write_bytes_atomic
 from hvae_dist.locking import FileLock
-from hvae_dist.score.atomic import hdf5_image, with_path, write_bytes_atomic
 from hvae_dist.score.layout import (
     FORMAT_VERSION,
     IDENTITY_ATTRS,

@@ -14,11 +14,10 @@ import numpy as np
 import torch
 
 from hvae_dist.config import Config
-from hvae_dist.data import get_dataset, parse_dataset_spec
+from hvae_dist.data import get_dataset, group_name, parse_dataset_spec
+from hvae_dist.estimators.scorer import IWScorer, ScoreSettings
 from hvae_dist.model import HierarchicalVAE
 from hvae_dist.objectives import bits_per_dim
-from hvae_dist.score.layout import group_name
-from hvae_dist.score.scorer import IWScorer, ScoreSettings
 
 ROWS_PER_PASS = {"cpu": 1024, "cuda": 8192}
 """Rows per forward pass of an evaluation, by device type (others: the CPU's). It was 128 x eval_iw_samples:

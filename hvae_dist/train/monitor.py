@@ -133,9 +133,8 @@ class Monitor:
     def write_layer_grid(self, step: int, model: HierarchicalVAE, cfg: Config, examples: int = 4) -> None:
         """The `hvae visualize` grid (the L>k decodes and prior samples) of the first examples of every
         validation set, as the TensorBoard image `visualize/reconstructions`."""
-        from hvae_dist.data import get_dataset, parse_dataset_spec
-        from hvae_dist.score.layout import group_name
-        from hvae_dist.score.reconstructions import reconstruction_grid
+        from hvae_dist.data import get_dataset, group_name, parse_dataset_spec
+        from hvae_dist.estimators.reconstructions import reconstruction_grid
 
         images = {}
         for spec in cfg.data.val_datasets:

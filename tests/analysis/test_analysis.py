@@ -18,7 +18,7 @@ from helpers.analysis import KS as SCORE_FILE_KS
 from helpers.analysis import write_score_file
 from hvae_dist.analysis import analyze, compute_metrics, run_analysis
 from hvae_dist.errors import ConfigError, ScoreFileError
-from hvae_dist.score.complexity import compressed_size_nats
+from hvae_dist.estimators.complexity import compressed_size_nats
 from hvae_dist.score.reader import read_scores as load_scores
 from hvae_dist.score.reader import to_dataframe
 

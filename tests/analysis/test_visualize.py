@@ -9,9 +9,9 @@ from PIL import Image
 from helpers.score import build, make_run_dir, small_config
 from hvae_dist.analysis.visualize import reconstruction_grid
 from hvae_dist.cli import main as hvae
+from hvae_dist.estimators import noise as noise_mod
+from hvae_dist.estimators.scorer import IWScorer, ScoreSettings
 from hvae_dist.model import PRIOR_MODE
-from hvae_dist.score import noise as noise_mod
-from hvae_dist.score.scorer import IWScorer, ScoreSettings
 
 
 def _config(model_type: str) -> dict:

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from helpers.score import build
-from hvae_dist.score.scorer import IWScorer, ScoreSettings
+from hvae_dist.estimators.scorer import IWScorer, ScoreSettings
 
 
 def _block() -> dict:

@@ -19,13 +19,13 @@ from helpers.score import REPO, fill_disk, make_run_dir, score_args, small_confi
 from hvae_dist.cli import HelpFormatter, build_parser
 from hvae_dist.cli import main as hvae
 from hvae_dist.errors import ScoreFileError
+from hvae_dist.estimators.scorer import resolve_sample_chunk
 from hvae_dist.locking import FileLock
 from hvae_dist.score.layout import FORMAT_VERSION
 from hvae_dist.score.merge import merge_shards
 from hvae_dist.score.plan import shard_lock_path
 from hvae_dist.score.reader import read_scores
 from hvae_dist.score.runner import ProgressLog
-from hvae_dist.score.scorer import resolve_sample_chunk
 
 SHARD = "shard-00000-of-00001.h5"
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}

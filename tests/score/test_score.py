@@ -11,10 +11,10 @@ import torch
 from helpers.score import build, exact_config, exact_log_px, make_run_dir, score_args, small_config
 from hvae_dist.cli import main as hvae
 from hvae_dist.errors import ConfigError
-from hvae_dist.score import noise
+from hvae_dist.estimators import noise
+from hvae_dist.estimators.scorer import IWScorer, ScoreSettings
 from hvae_dist.score.plan import resolve_shard, shard_range
 from hvae_dist.score.reader import read_scores
-from hvae_dist.score.scorer import IWScorer, ScoreSettings
 
 FIELDS = ("elbo", "elbo_1", "lk", "llr", "kl", "bpd")
 

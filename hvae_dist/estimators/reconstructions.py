@@ -20,9 +20,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from hvae_dist.estimators import noise as noise_mod
+from hvae_dist.estimators.scorer import IWScorer, ScoreSettings
 from hvae_dist.model import lk_modes
-from hvae_dist.score import noise as noise_mod
-from hvae_dist.score.scorer import IWScorer, ScoreSettings
 
 DEFAULT_TEMPERATURES = (0.5, 0.8, 1.0)
 

@@ -10,7 +10,7 @@ For a batch of B examples and each bound (the ELBO is L>0: every layer sampled; 
         StreamingLogMeanExp.update(w)                     # online log-sum-exp in float64
 
 so memory is O(B * C) whatever S, and the value of every example depends only on (seed, dataset,
-index) through `hvae_dist.score.noise`, never on B, C or the shard. `sample_chunk="auto"` (the default)
+index) through `hvae_dist.estimators.noise`, never on B, C or the shard. `sample_chunk="auto"` (the default)
 picks C per batch so that B * C is about `rows_per_pass(device)` rows: few on a CPU, where a pass that
 fits in cache is fastest, thousands on a GPU, which needs them to be busy. Runs under torch.inference_mode;
 `precision="bf16"` autocasts the network to bfloat16 while log-densities and reductions stay fp32/fp64.
@@ -28,10 +28,10 @@ from torch.nn.utils import parametrize
 from hvae_dist.config import SCORE_PRECISIONS
 from hvae_dist.data import preprocess_batch
 from hvae_dist.errors import ConfigError
+from hvae_dist.estimators import noise as noise_mod
 from hvae_dist.model import SAMPLE, HierarchicalVAE, lk_modes
 from hvae_dist.nn.precision import autocast_context
 from hvae_dist.objectives import StreamingLogMeanExp, bits_per_dim
-from hvae_dist.score import noise as noise_mod
 
 ROWS_PER_PASS = {"cpu": 64, "cuda": 4096}
 """Rows (examples x samples) per forward pass for sample_chunk="auto", by device type (others: the CPU's).

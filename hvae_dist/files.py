@@ -1,4 +1,4 @@
-"""Atomic file writes for every file `hvae score`, `hvae merge` and `hvae analyze` write.
+"""Atomic file writes for every file the package writes (checkpoints, config.json, score files, reports, figures).
 
     write_bytes_atomic(path, data)   temp file beside `path` (".NAME.PID.tmp"), write, fsync, rename over
                                      `path`, fsync of the folder; the temp file is removed on any failure
