@@ -3,19 +3,39 @@
     write_bytes_atomic(path, data)   temp file beside `path` (".NAME.PID.tmp"), write, fsync, rename over
                                      `path`, fsync of the folder; the temp file is removed on any failure
     hdf5_image(build)                an HDF5 file built in memory (h5py on a BytesIO), as bytes
+    write_hdf5_atomic(path, build, reserve)
+                                     an HDF5 file too large for memory (hvae merge's scores.h5), streamed
+                                     into the temp file, then fsync and rename as above
+    remove_stale_temps(path)         delete the temp files of `path` left by writers that died (SIGKILL)
 
-So a crash or a full disk leaves the old file or none, never a torn or 0-byte one. HDF5 files are built in
-memory and written as bytes because libhdf5 reports a full disk late and badly: inside its caches, as
-ignored errors at close, and (h5py 3.16 / HDF5 2.0) with a segfault; a plain write() fails cleanly with
-ENOSPC at the first byte that does not fit. Every OSError leaves here carrying the target's path
+So a crash or a full disk leaves the old file or none, never a torn or 0-byte one. Small HDF5 files are
+built in memory and written as bytes because libhdf5 reports a full disk late and badly: inside its
+caches, as ignored errors at close, and (h5py 3.16 / HDF5 2.0) with a segfault; a plain write() fails
+cleanly with ENOSPC at the first byte that does not fit. `write_hdf5_atomic` keeps that guarantee without
+the memory: it allocates `reserve` bytes for the temp file first (posix_fallocate, which fails cleanly on a
+full disk before libhdf5 writes a byte), and libhdf5 writes through a file object that never hands it an
+I/O error (the first one is recorded, the write is abandoned at the next check, and the error is raised
+after libhdf5 has closed the file). Every OSError leaves here carrying the target's path
 (`OSError.filename`), which `hvae_dist.cli` turns into one line with the free space on that file system.
+
+Every temp file is flock'ed by its writer for the writer's life, so a temp file whose lock can be taken
+belongs to a process that died (the OS releases a dead process's locks): `remove_stale_temps` deletes
+exactly those and reports the live writers.
 """
 from __future__ import annotations
 
+import errno
+import fcntl
 import io
 import os
+import re
+import signal
+import threading
 from collections.abc import Callable
 from pathlib import Path
+
+DEFERRED_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+"""Signals that `write_hdf5_atomic` holds back while libhdf5 writes (re-raised after the temp file is gone)."""
 
 
 def with_path(e: OSError, path: str | Path) -> OSError:
@@ -42,29 +62,83 @@ def temp_path(path: Path) -> Path:
     return path.with_name(f".{path.name}.{os.getpid()}.tmp")
 
 
+def _open_temp(tmp: Path) -> int:
+    """Create (truncate) `tmp` and hold its flock: the mark of a live writer (see remove_stale_temps)."""
+    fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _discard(tmp: Path, fd: int | None) -> None:
+    """Remove a failed write's temp file (still holding its lock), then close it; never raises."""
+    try:
+        tmp.unlink(missing_ok=True)
+    except OSError:
+        pass
+    if fd is not None:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+
+def remove_stale_temps(path: str | Path) -> list[int]:
+    """Delete the temp files of `path` (".NAME.PID.tmp" beside it) whose writer is dead; returns the PIDs
+    (from the names) of the temp files a live process still writes, which are left alone."""
+    path = Path(path)
+    pattern = re.compile(rf"\.{re.escape(path.name)}\.(\d+)\.tmp")
+    live = []
+    try:
+        names = sorted(os.listdir(path.parent))
+    except OSError:
+        return live
+    for name in names:
+        m = pattern.fullmatch(name)
+        if not m:
+            continue
+        stale = path.parent / name
+        try:
+            fd = os.open(stale, os.O_RDONLY)
+        except OSError:
+            continue                       # gone meanwhile (renamed by its writer, removed by another run)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as e:
+                if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                    raise with_path(e, stale) from e
+                live.append(int(m.group(1)))
+                continue
+            if os.fstat(fd).st_nlink:      # still the file of that name (not renamed over the target since)
+                stale.unlink(missing_ok=True)
+        finally:
+            os.close(fd)
+    return live
+
+
 def write_bytes_atomic(path: str | Path, data: bytes) -> Path:
     """Write `data` to `path` atomically (see the module docstring); returns `path`."""
     path = Path(path)
     tmp = temp_path(path)
+    fd = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        fd = _open_temp(tmp)
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
         os.replace(tmp, path)
     except BaseException as e:
-        try:
-            tmp.unlink(missing_ok=True)
-        except OSError:
-            pass
+        _discard(tmp, fd)
         if isinstance(e, OSError):
             raise with_path(e, path) from e
         raise
+    os.close(fd)
     fsync_dir(path.parent)
     return path
 
@@ -81,3 +155,159 @@ def hdf5_image(build: Callable) -> bytes:
     with h5py.File(buf, "w") as f:
         build(f)
     return buf.getvalue()
+
+
+class _ReservedFile(io.RawIOBase):
+    """The temp file as libhdf5 sees it (h5py's file-object driver): only the bytes written so far, although
+    the file on disk is already `reserve` bytes long. An I/O error is never passed to libhdf5 (see the module
+    docstring): the first one is kept in `error`, a failed read returns zeros, a failed write is dropped."""
+
+    def __init__(self, fd: int):
+        super().__init__()
+        self.fd, self.pos, self.size = fd, 0, 0
+        self.error: OSError | None = None
+
+    def readable(self) -> bool:
+        return True
+
+    def writable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        self.pos = {io.SEEK_SET: 0, io.SEEK_CUR: self.pos, io.SEEK_END: self.size}[whence] + offset
+        return self.pos
+
+    def tell(self) -> int:
+        return self.pos
+
+    def readinto(self, buffer) -> int:
+        view = memoryview(buffer).cast("B")
+        n = max(0, min(len(view), self.size - self.pos))
+        done = 0
+        try:
+            while done < n:
+                got = os.preadv(self.fd, [view[done:n]], self.pos + done)
+                if got == 0:
+                    break
+                done += got
+        except OSError as e:
+            self.error = self.error or e
+        view[done:] = bytes(len(view) - done)
+        self.pos += len(view)
+        return len(view)
+
+    def write(self, buffer) -> int:
+        view = memoryview(buffer).cast("B")
+        if self.error is None:
+            try:
+                done = 0
+                while done < len(view):
+                    done += os.pwrite(self.fd, view[done:], self.pos + done)
+            except OSError as e:
+                self.error = e
+        self.pos += len(view)
+        self.size = max(self.size, self.pos)
+        return len(view)
+
+    def truncate(self, size: int | None = None) -> int:
+        self.size = self.pos if size is None else size
+        return self.size
+
+    def flush(self) -> None:
+        pass
+
+
+class _DeferredSignals:
+    """While active (main thread only): SIGTERM / SIGINT are recorded instead of handled, so that no Python
+    exception is raised inside libhdf5's I/O callbacks; `restore()` reinstates the handlers and re-raises
+    the first recorded signal to its own handler."""
+
+    def __init__(self):
+        self.caught: int | None = None
+        self.old: dict[int, object] = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in DEFERRED_SIGNALS:
+                handler = signal.getsignal(sig)
+                if handler is not None and handler is not signal.SIG_IGN:   # None: set outside Python, left alone
+                    self.old[sig] = signal.signal(sig, self._record)
+
+    def _record(self, signum: int, _frame=None) -> None:
+        self.caught = self.caught or signum
+
+    def restore(self) -> None:
+        for sig, handler in self.old.items():
+            signal.signal(sig, handler)
+        self.old = {}
+        if self.caught is not None:
+            signal.raise_signal(self.caught)
+
+
+def write_hdf5_atomic(path: str | Path, build: Callable, reserve: int,
+                      before_replace: Callable[[], None] | None = None) -> Path:
+    """Stream an HDF5 file to `path` atomically; returns `path`.
+
+    `build(f, check)` fills `f` (an h5py.File open for writing on the temp file) and calls `check()` every
+    so often (e.g. per block of rows): it raises the first recorded I/O error, or an OSError(EINTR) after
+    a SIGTERM / SIGINT, so that a doomed write stops early. `reserve` (bytes, an upper bound of the file's
+    size) is allocated before libhdf5 writes anything; the unused part is given back before the rename.
+    `before_replace()` runs after the temp file is complete and fsynced, right before it replaces `path`.
+    SIGTERM / SIGINT during the write are held back until the temp file is removed (or renamed), then
+    re-raised to their handlers. A SIGKILL leaves the temp file, which `remove_stale_temps` removes later.
+    """
+    import h5py
+
+    path = Path(path)
+    tmp = temp_path(path)
+    fd = None
+    signals = _DeferredSignals()
+    try:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd = _open_temp(tmp)
+            _reserve(fd, reserve)
+            sink = _ReservedFile(fd)
+
+            def check() -> None:
+                if sink.error is not None:
+                    raise sink.error
+                if signals.caught is not None:
+                    raise OSError(errno.EINTR, f"interrupted by {signal.Signals(signals.caught).name}")
+
+            f = h5py.File(sink, "w")
+            try:
+                build(f, check)
+            finally:
+                f.close()
+            check()
+            os.ftruncate(fd, sink.size)        # give back the unused reservation
+            os.fsync(fd)
+            if before_replace is not None:
+                before_replace()
+            os.replace(tmp, path)
+        except BaseException as e:
+            _discard(tmp, fd)
+            if isinstance(e, OSError):
+                raise with_path(e, path) from e
+            raise
+        os.close(fd)
+        fsync_dir(path.parent)
+        return path
+    finally:
+        signals.restore()
+
+
+def _reserve(fd: int, size: int) -> None:
+    """Allocate `size` bytes for `fd`; ENOSPC (with the size needed) when they do not fit."""
+    try:
+        os.posix_fallocate(fd, 0, max(1, size))
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise OSError(e.errno, f"{os.strerror(e.errno)} (needs about {size / 2**20:.1f} MiB)") from e
+        if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+            raise
+        free = os.fstatvfs(fd)                # a file system without fallocate: check the free space instead
+        if free.f_bavail * free.f_frsize < size:
+            raise OSError(errno.ENOSPC, f"{os.strerror(errno.ENOSPC)} (needs about {size / 2**20:.1f} MiB)") from e

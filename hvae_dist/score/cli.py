@@ -3,7 +3,7 @@
 score: importance-weighted ELBO, L>k and LLR>k per example into OUT/shard-IIIII-of-NNNNN.h5. Shard
 index / count default from a SLURM job array (SLURM_ARRAY_TASK_ID - SLURM_ARRAY_TASK_MIN,
 SLURM_ARRAY_TASK_COUNT), else torchrun (RANK, WORLD_SIZE), else 0 of 1. Re-running a shard resumes it.
-merge: validate the shard files in OUT and write OUT/scores.h5 (atomically).
+merge: validate the shard files in OUT and write OUT/scores.h5 (streamed into a temp file, then renamed).
 """
 from __future__ import annotations
 
@@ -23,6 +23,11 @@ def _exit_on_sigterm(signum: int, _frame=None) -> None:
                           "re-run")
 
 
+def _stop_merge(signum: int, _frame=None) -> None:
+    raise StoppedBySignal(f"hvae merge: got {signal.Signals(signum).name}; stopped with no temp file left (scores.h5 "
+                          "is the previous one, or none, unless the new one was complete); re-run to merge")
+
+
 def _ks(values: list[str] | None):
     if values is None or values == ["all"]:
         return None
@@ -40,7 +45,10 @@ Re-running the same command resumes its shard. Between runs --batch-size, --samp
 --data-root and the progress options may change; the rest is checked against the shard file."""
 
 MERGE_EXAMPLES = """example:
-  hvae merge scores/fm                 # scores/fm/shard-*.h5 -> scores/fm/scores.h5"""
+  hvae merge scores/fm                 # scores/fm/shard-*.h5 -> scores/fm/scores.h5
+A scores.h5 of another job (other model or settings) is refused; --force replaces it and keeps the old
+file as scores.replaced-<UTC time>.h5. Memory stays flat in the number of rows; the disk needs about the
+shard files' total size free."""
 
 
 def _sample_chunk(value: str) -> int | str:
@@ -121,10 +129,19 @@ def run_score(args: argparse.Namespace) -> int:
 def add_merge_arguments(p: argparse.ArgumentParser) -> None:
     p.epilog = MERGE_EXAMPLES
     p.add_argument("out", help="folder holding shard-IIIII-of-NNNNN.h5 files (the --out of hvae score)")
+    p.add_argument("--force", action="store_true",
+                   help="replace a scores.h5 of another job (kept as scores.replaced-<UTC time>.h5)")
 
 
 def run_merge(args: argparse.Namespace) -> int:
     from hvae_dist.score.merge import merge_shards
 
-    print(merge_shards(args.out))
+    # SIGTERM (scancel, preemption) and Ctrl-C: one line, no temp file (the write defers them to its next
+    # block, see files.write_hdf5_atomic); the handlers are restored, as `hvae merge` also runs in-process.
+    old = {sig: signal.signal(sig, _stop_merge) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        print(merge_shards(args.out, force=args.force))
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
     return 0

@@ -79,16 +79,22 @@ def create_checked(group, name: str, data: np.ndarray):
     chunks have at least one element per axis.
     """
     data = np.asarray(data)
-    chunks = tuple([max(1, min(len(data), CHUNK_ROWS))] + [max(1, d) for d in data.shape[1:]])
-    maxshape = tuple(None if d == 0 else d for d in data.shape)
-    return group.create_dataset(name, data=data, chunks=chunks, maxshape=maxshape, fletcher32=True)
+    return group.create_dataset(name, data=data, fletcher32=True, **checked_storage(data.shape))
 
 
-def read_checked(path: Path, name: str, dset) -> np.ndarray:
-    """All of h5py dataset `dset` (its name in the file: `name`); a failed read, such as a chunk whose
-    Fletcher32 checksum does not match, is a ScoreFileError naming the file and the dataset."""
+def checked_storage(shape: tuple[int, ...]) -> dict[str, tuple]:
+    """chunks and maxshape of a format-2 dataset of `shape` (see `create_checked`); with `fletcher32=True`
+    they make the storage of `create_checked`, e.g. for a dataset created empty and filled block by block."""
+    chunks = tuple([max(1, min(shape[0], CHUNK_ROWS))] + [max(1, d) for d in shape[1:]])
+    maxshape = tuple(None if d == 0 else d for d in shape)
+    return {"chunks": chunks, "maxshape": maxshape}
+
+
+def read_checked(path: Path, name: str, dset, rows: slice = slice(None)) -> np.ndarray:
+    """`rows` (default: all) of h5py dataset `dset` (its name in the file: `name`); a failed read, such as a
+    chunk whose Fletcher32 checksum does not match, is a ScoreFileError naming the file and the dataset."""
     try:
-        return np.asarray(dset[()])
+        return np.asarray(dset[()] if rows == slice(None) else dset[rows])
     except OSError as e:
         what = "fails its Fletcher32 checksum" if dset.fletcher32 else "cannot be read"
         raise ScoreFileError(f"{path}: dataset '{name}' {what} (HDF5: {e}); the file is damaged (a flipped bit, "

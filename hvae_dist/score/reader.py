@@ -14,6 +14,7 @@ the field (a failed checksum: the dataset).
 """
 from __future__ import annotations
 
+from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -49,8 +50,14 @@ def _group_names(path: Path, f, attrs: dict) -> list[str]:
     return sorted(found)
 
 
-def read_scores(path: str | Path) -> ScoreFile:
-    """Read every score group of `path` into numpy arrays (see the module docstring)."""
+def read_scores(path: str | Path, fields: Mapping[str, Collection[str]] | None = None) -> ScoreFile:
+    """Read every score group of `path` into numpy arrays (see the module docstring).
+
+    With `fields` ({group: dataset names}), only those are read, to keep memory to what a caller needs (e.g.
+    `hvae analyze` on 10^7 rows): a named group also gets its `index`, and its other datasets are present
+    as None (their names listed, their shapes still checked); a group not named is {name: None, ...}
+    and not checked.
+    """
     import h5py
 
     path = Path(path)
@@ -72,6 +79,9 @@ def read_scores(path: str | Path) -> ScoreFile:
                         raise ScoreFileError(f"{path}: dataset '{g}/{k}' has no Fletcher32 checksum, which every "
                                              f"dataset of a format-{attrs['format_version']} score file has; the "
                                              "file was rewritten by another tool: re-run the job that wrote it")
+                    if fields is not None and (g not in fields or k not in {"index", *fields[g]}):
+                        groups[g][k] = _Unread(d.shape)
+                        continue
                     groups[g][k] = read_checked(path, f"{g}/{k}", d)
     except ScoreFileError:
         raise
@@ -82,8 +92,21 @@ def read_scores(path: str | Path) -> ScoreFile:
         raise ScoreFileError(f"{path}: root attribute 'ks' (the list of k of L>k) is missing")
     attrs["ks"] = [int(k) for k in np.atleast_1d(attrs["ks"])]
     for name, data in groups.items():
-        _validate_group(path, name, data, attrs["ks"])
+        if fields is None or name in fields:
+            _validate_group(path, name, data, attrs["ks"])
+    if fields is not None:
+        groups = {g: {k: None if isinstance(v, _Unread) else v for k, v in data.items()} for g, data in groups.items()}
     return ScoreFile(groups, attrs)
+
+
+class _Unread(NamedTuple):
+    """A dataset `read_scores(fields=...)` did not read: its shape, for the checks of `_validate_group`."""
+
+    shape: tuple[int, ...]
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
 
 
 def _validate_group(path: Path, name: str, data: dict[str, np.ndarray], ks: list[int]) -> None:

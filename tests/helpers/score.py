@@ -170,4 +170,47 @@ __all__ = [
     "score_args",
     "small_config",
     "small_tmpfs",
+    "write_synthetic_shards",
 ]
+
+
+def write_synthetic_shards(out: str | Path, rows: int, shards: int, groups: tuple[str, ...] = ("InDist/test", "OOD/test"),
+                           ks: tuple[int, ...] = (1, 2), num_layers: int = 3, seed: int = 0,
+                           batch: int = 1 << 16) -> dict:
+    """`shards` finished shard files of one synthetic job in `out`, written by the package's ShardWriter.
+
+    `rows` rows in all, split evenly over `groups` and over the shards by the real plan (`ShardPlan`), written
+    in batches of `batch` rows; every row complete. Values come from a seeded generator (per shard and group,
+    so a shard's values do not depend on the others): elbo ~ N(-100, 3) nats, 15 nats lower in the groups
+    after the first (the OOD sets), L>k below it, llr = elbo - L>k, kl ~ |N(1, 0.1)|. Returns the job's
+    attributes (without shard / num_shards).
+    """
+    from hvae_dist.score.layout import FORMAT_VERSION
+    from hvae_dist.score.plan import ShardPlan
+    from hvae_dist.score.writer import GroupSpec, ShardWriter, lock_shard
+
+    out = Path(out)
+    sizes = {g: rows // len(groups) + (i < rows % len(groups)) for i, g in enumerate(groups)}
+    attrs = {"format_version": FORMAT_VERSION, "model_checkpoint": "synthetic", "model_sha256": "0" * 64,
+             "iw_samples": 16, "iw_samples_lk": 16, "ks": list(ks), "seed": seed, "dtype": "fp32", "ema": False,
+             "binarize": "dynamic", "num_layers": num_layers, "datasets": list(groups), "dataset_sizes": sizes,
+             "complexity": [], "package_version": "synthetic", "config": "{}", "created": "2026-12-05T00:00:00Z"}
+    for shard in range(shards):
+        plan = ShardPlan(shard, shards, sizes)
+        specs = [GroupSpec(g, np.arange(*plan.range(g), dtype=np.int64), num_layers, len(ks)) for g in groups]
+        path = out / plan.filename
+        lock = lock_shard(path)
+        try:
+            with ShardWriter.open(path, {**attrs, "shard": shard, "num_shards": shards}, specs) as writer:
+                for i, spec in enumerate(specs):
+                    rng = np.random.default_rng([seed, shard, i])
+                    for a in range(0, len(spec.index), batch):
+                        n = min(batch, len(spec.index) - a)
+                        elbo = rng.normal(-100.0 - 15.0 * (i > 0), 3.0, n)
+                        lk = elbo[:, None] - np.abs(rng.normal(2.0 + 3.0 * (i > 0), 1.0, (n, len(ks))))
+                        writer.write(spec.name, np.arange(a, a + n), {
+                            "elbo": elbo, "elbo_1": elbo - 1.0, "lk": lk, "llr": elbo[:, None] - lk,
+                            "kl": np.abs(rng.normal(1.0, 0.1, (n, num_layers))), "bpd": -elbo / (784 * math.log(2))})
+        finally:
+            lock.release()
+    return attrs
