@@ -10,7 +10,10 @@ display needed). Files written to the output dir:
 - `kl_layers.png`: the KL of each latent layer, in-dist vs every OOD set, one panel per layer.
 - `auroc_by_k.png`: the AUROC of LLR>k as a function of k, a line per OOD set.
 
-Group names such as "MNIST/test" become "MNIST_test" in file names.
+Group names such as "MNIST/test" become "MNIST_test" in file names. Figures draw the rows of
+`Analysis.values` / `Analysis.groups`: every row up to 100,000 per group, else a seeded uniform subsample of
+100,000 (`metrics.DRAW_ROWS`), so a ROC curve of 10^7 rows is drawn from 2 x 10^5 of them; its legend's AUROC
+and every number in the tables use every row.
 """
 from __future__ import annotations
 

@@ -22,8 +22,9 @@ def analyze(score_file: str | Path, in_dist: str, out_dir: str | Path | None = N
     """Metric rows (one per OOD group x score: in_dist, ood, score, label, auroc, auprc, fpr80, n_in,
     n_ood, orientation). With `out_dir`, also writes metrics.{md,csv,json} (and PNGs unless plots=False)
     there; with `tensorboard`, logs the table, figures and metrics to that run / TensorBoard dir."""
-    result = run_analysis(score_file, in_dist, background=background, scores=scores)
-    report(result, out_dir, plots=plots, tensorboard=tensorboard)
+    figures = plots and (out_dir is not None or tensorboard is not None)
+    result = run_analysis(score_file, in_dist, background=background, scores=scores, figures=figures)
+    report(result, out_dir, plots=figures, tensorboard=tensorboard)
     return result.rows
 
 
@@ -33,6 +34,7 @@ def report(result: Analysis, out_dir: str | Path | None, plots: bool = True,
     from hvae_dist.analysis import plots as plotting
 
     written: list[Path] = []
+    plots = plots and bool(result.groups)        # run_analysis(figures=False) keeps no rows to draw
     figures = plotting.make_figures(result) if plots and (out_dir is not None or tensorboard is not None) else {}
     if out_dir is not None:
         out = Path(out_dir)
