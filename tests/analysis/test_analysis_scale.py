@@ -79,3 +79,13 @@ def test_analyze_reads_only_the_datasets_its_scores_need(score_file, monkeypatch
     read = {g: set(f[g]) for f in asked for g in f}
     assert read == {"A/train": {"elbo"}, "A/test": {"complete", "elbo", "kl", "llr"},
                     "B/test": {"complete", "elbo", "kl", "llr"}}, read
+
+
+def test_read_scores_with_fields_reads_those_and_index_and_lists_the_rest(score_file):
+    full = read_scores(score_file)
+    some = read_scores(score_file, fields={"B/test": ["llr", "no_such_dataset"]})
+    assert some.attrs == full.attrs
+    assert {k for k, v in some.groups["B/test"].items() if v is not None} == {"index", "llr"}
+    assert set(some.groups["B/test"]) == set(full.groups["B/test"])                # the others listed as None
+    np.testing.assert_array_equal(some.groups["B/test"]["llr"], full.groups["B/test"]["llr"])
+    assert set(some.groups["A/test"]) == set(full.groups["A/test"]) and not any(some.groups["A/test"].values())
