@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -336,3 +337,14 @@ def test_a_full_disk_during_the_reservation_is_one_line_and_leaves_nothing(big, 
         for filler in disk.glob("filler*"):
             filler.unlink()
         assert hvae(["merge", str(out)]) == 0
+
+
+@pytest.mark.slow                                              # about 20 s alone, a minute on a loaded machine
+def test_the_scale_benchmark_runs_and_prints_its_summary_line(tmp_path):
+    proc = subprocess.run([sys.executable, "benchmarks/score_files_scale.py", "--rows", "3000", "--shards", "3",
+                           "--dir", str(tmp_path), "--no-plots"], cwd=REPO, env={**ENV, "PYTHONPATH": str(REPO)},
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    last = proc.stdout.strip().splitlines()[-1]
+    assert re.fullmatch(r"merge: [\d,]+ rows/s, peak RSS \d+ MiB; analyze: [\d,]+ rows/s, peak RSS \d+ MiB", last), last
+    assert os.listdir(tmp_path) == []                          # its files are removed
