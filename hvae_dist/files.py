@@ -23,6 +23,22 @@ def with_path(e: OSError, path: str | Path) -> OSError:
     return OSError(e.errno, e.strerror or str(e), str(path))
 
 
+def require_folder(path: str | Path, what: str) -> Path:
+    """`path` as a Path, when it is a folder or can become one: ConfigError when it, or the nearest of its
+    parents that exists, is a file (`what` names the option, e.g. "--run-dir"). Checked before anything is
+    written, so that the message is about the option, not a later "File exists" or "no checkpoint"."""
+    from hvae_dist.errors import ConfigError
+
+    path = Path(path)
+    p = path
+    while not p.exists() and not p.is_symlink() and p != p.parent:
+        p = p.parent
+    if p.exists() and not p.is_dir():
+        problem = "is a file, not a folder" if p == path else f"cannot be a folder: its parent {p} is a file"
+        raise ConfigError(f"{what} {path} {problem}; give a folder (it is created when missing)")
+    return path
+
+
 def fsync_dir(folder: str | Path) -> None:
     """Make a rename in `folder` durable (a no-op where folders cannot be opened, e.g. some network mounts)."""
     try:

@@ -8,19 +8,10 @@ merge: validate the shard files in OUT and write OUT/scores.h5 (atomically).
 from __future__ import annotations
 
 import argparse
-import signal
 
 from hvae_dist.config import SCORE_PRECISIONS
 from hvae_dist.errors import ConfigError
-
-
-class StoppedBySignal(SystemExit):
-    """`hvae score` unwound on SIGTERM: the shard file is closed and a re-run resumes it."""
-
-
-def _exit_on_sigterm(signum: int, _frame=None) -> None:
-    raise StoppedBySignal(f"hvae score: got {signal.Signals(signum).name}; the shard file is closed and resumes on "
-                          "re-run")
+from hvae_dist.signals import stop_note
 
 
 def _ks(values: list[str] | None):
@@ -103,9 +94,6 @@ def run_score(args: argparse.Namespace) -> int:
     from hvae_dist.score.plan import resolve_shard
     from hvae_dist.score.runner import ScoreJob, run_score_job
 
-    # SLURM preemption / scancel / requeue send SIGTERM: unwind so the shard's HDF5 file is closed cleanly
-    # (rows are marked complete only after they are written; a re-run resumes at the first incomplete one).
-    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     shard, num_shards = resolve_shard(args.shard, args.num_shards)
     settings = ScoreSettings(iw_samples=args.iw_samples, iw_samples_lk=args.iw_samples_lk, ks=_ks(args.ks),
                              seed=args.seed, precision=args.precision, sample_chunk=args.sample_chunk)
@@ -113,7 +101,10 @@ def run_score(args: argparse.Namespace) -> int:
                    checkpoint=args.checkpoint, shard=shard, num_shards=num_shards, max_examples=args.max_examples,
                    batch_size=args.batch_size, use_ema=not args.no_ema, complexity=args.complexity,
                    device=args.device, progress=args.progress, data_root=args.data_root, log_every=args.log_every)
-    path = run_score_job(job)
+    # SLURM preemption / scancel / requeue send SIGTERM: it unwinds (hvae_dist.signals), so the shard's HDF5
+    # file is closed cleanly (rows are marked complete only after they are written; a re-run resumes there).
+    with stop_note("the shard file is closed; re-running the same command resumes it"):
+        path = run_score_job(job)
     print(path)
     return 0
 
@@ -124,7 +115,8 @@ def add_merge_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_merge(args: argparse.Namespace) -> int:
+    from hvae_dist.files import require_folder
     from hvae_dist.score.merge import merge_shards
 
-    print(merge_shards(args.out))
+    print(merge_shards(require_folder(args.out, "OUT")))
     return 0
