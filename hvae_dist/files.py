@@ -3,6 +3,7 @@
     write_bytes_atomic(path, data)   temp file beside `path` (".NAME.PID.tmp"), write, fsync, rename over
                                      `path`, fsync of the folder; the temp file is removed on any failure
     hdf5_image(build)                an HDF5 file built in memory (h5py on a BytesIO), as bytes
+    staged_folder(path, keep)        a folder replaced as a whole (a report): written beside, then swapped
 
 So a crash or a full disk leaves the old file or none, never a torn or 0-byte one. HDF5 files are built in
 memory and written as bytes because libhdf5 reports a full disk late and badly: inside its caches, as
@@ -12,9 +13,11 @@ ENOSPC at the first byte that does not fit. Every OSError leaves here carrying t
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import os
-from collections.abc import Callable
+import shutil
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 
@@ -97,3 +100,78 @@ def hdf5_image(build: Callable) -> bytes:
     with h5py.File(buf, "w") as f:
         build(f)
     return buf.getvalue()
+
+
+def _stale(entry: Path) -> bool:
+    """A ".NAME.PID.tmp" / ".NAME.PID.old" folder of `staged_folder` whose process is gone (killed mid-swap)."""
+    try:
+        pid = int(entry.name.rsplit(".", 2)[-2])
+        os.kill(pid, 0)
+    except (ValueError, IndexError):
+        return False
+    except ProcessLookupError:
+        return True
+    except OSError:      # alive, owned by another user
+        return False
+    return pid == os.getpid()
+
+
+def _link_tree(src: Path, dst: Path) -> None:
+    """`dst` as a hard-linked copy of `src` (file or folder; a plain copy where links are refused)."""
+    def link(a: str, b: str) -> None:
+        try:
+            os.link(a, b)
+        except OSError:
+            shutil.copy2(a, b)
+
+    if src.is_dir() and not src.is_symlink():
+        shutil.copytree(src, dst, symlinks=True, copy_function=link)
+    elif src.is_symlink():
+        os.symlink(os.readlink(src), dst)
+    else:
+        link(str(src), str(dst))
+
+
+@contextlib.contextmanager
+def staged_folder(path: str | Path, keep: Callable[[Path], bool]) -> Iterator[Path]:
+    """Replace folder `path` as a whole: readers see the old folder or the new one, never a mix.
+
+    Yields an empty folder beside `path` (".NAME.PID.tmp", same file system) to write the new contents
+    into. When the block ends without error, the old folder's entries for which `keep(entry)` is true (files
+    that are not the writer's own) are hard-linked into it, it takes `path`'s place (two renames, with
+    SIGTERM / SIGINT held back between them) and the old folder is removed. On an error or a stop signal the
+    temp folder is removed and `path` is untouched. Leftovers of a process killed mid-swap (SIGKILL) are
+    removed by the next call.
+    """
+    from hvae_dist import signals
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for entry in path.parent.glob(f".{path.name}.*.*"):
+        if entry.suffix in (".tmp", ".old") and entry.is_dir() and _stale(entry):
+            shutil.rmtree(entry, ignore_errors=True)
+    tmp, old = (path.with_name(f".{path.name}.{os.getpid()}.{what}") for what in ("tmp", "old"))
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tmp.mkdir()
+        yield tmp
+        existed = path.is_dir()
+        try:
+            if existed:
+                for entry in path.iterdir():
+                    if keep(entry) and not (tmp / entry.name).exists():
+                        _link_tree(entry, tmp / entry.name)
+            with signals.deferred():
+                if existed:
+                    os.replace(path, old)
+                os.replace(tmp, path)
+        except OSError as e:
+            raise with_path(e, path) from e
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    fsync_dir(path.parent)
+    if existed:
+        for entry in old.iterdir():   # written into the old folder by another process meanwhile: keep them
+            if keep(entry) and not (path / entry.name).exists():
+                os.replace(entry, path / entry.name)
+        shutil.rmtree(old, ignore_errors=True)

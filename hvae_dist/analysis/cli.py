@@ -14,7 +14,8 @@ EXAMPLES = """examples:
   hvae analyze scores/fm/scores.h5 --in-dist FashionMNIST:test              # -> scores/fm/analysis/
   hvae analyze scores/fm/scores.h5 --in-dist FashionMNIST:test --out report --scores llr nll \\
       --background scores/fm-bg/scores.h5 --tensorboard runs/fm
-Every file is written atomically; a score file with incomplete rows (an unmerged shard) is refused."""
+The report folder is replaced as a whole (a stop or a full disk leaves the previous report); a score file with
+incomplete rows (an unmerged shard) is refused."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -41,10 +42,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from hvae_dist.analysis.metrics import run_analysis
     from hvae_dist.analysis.report import format_text, report
+    from hvae_dist.files import require_folder
+    from hvae_dist.signals import stop_note
 
-    out = Path(args.out) if args.out else Path(args.file).resolve().parent / "analysis"
+    out = require_folder(args.out if args.out else Path(args.file).resolve().parent / "analysis", "--out")
+    if args.tensorboard:
+        require_folder(args.tensorboard, "--tensorboard")
     result = run_analysis(args.file, args.in_dist, background=args.background, scores=args.scores)
-    written = report(result, out, plots=not args.no_plots, tensorboard=args.tensorboard, tb_step=args.tb_step)
+    with stop_note(f"{out} holds the previous report (or none), unchanged; re-run to write the new one"):
+        written = report(result, out, plots=not args.no_plots, tensorboard=args.tensorboard, tb_step=args.tb_step)
     print(format_text(result))
     print(f"\nwrote {len(written)} files to {out}"
           + (f"; TensorBoard: {args.tensorboard}" if args.tensorboard else ""))
@@ -73,7 +79,11 @@ def add_visualize_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_visualize(args: argparse.Namespace) -> int:
     from hvae_dist.analysis.visualize import visualize_run
+    from hvae_dist.files import require_folder
 
+    require_folder(args.run_dir, "--run-dir")
+    if args.out:
+        require_folder(args.out, "--out")
     path = visualize_run(args.run_dir, args.datasets, args.out, args.examples, args.temperatures, args.seed,
                          args.checkpoint, not args.no_ema, args.data_root)
     print(path)

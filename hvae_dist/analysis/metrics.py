@@ -204,15 +204,26 @@ class Analysis:
     background_file: Path | None
 
 
+def find_group(path: Path, groups: dict[str, Any], spec: str) -> str:
+    """The group of `groups` that NAME:SPLIT (or NAME/SPLIT) `spec` names; names match case-insensitively, as
+    `hvae score --datasets` takes them (fashionmnist:test is FashionMNIST/test). ScoreFileError otherwise."""
+    wanted = group_name(spec) if ":" in spec or "/" not in spec else spec
+    if wanted in groups:
+        return wanted
+    same = [g for g in groups if g.lower() == wanted.lower()]
+    if len(same) == 1:
+        return same[0]
+    why = f"several groups match it in any case ({', '.join(same)}); give the exact one" if same else \
+        f"groups in the file: {', '.join(groups)}"
+    raise ScoreFileError(f"{path}: no in-distribution group '{wanted}'; {why}")
+
+
 def run_analysis(score_file: str | Path, in_dist: str, background: str | Path | None = None,
                  scores: list[str] | None = None) -> Analysis:
     """Load, score and compute the metrics for every OOD group x score (no files written)."""
     path = Path(score_file)
-    in_group = group_name(in_dist) if ":" in in_dist or "/" not in in_dist else in_dist
     groups, attrs = read_scores(path)
-    if in_group not in groups:
-        raise ScoreFileError(f"{path}: no in-distribution group '{in_group}'; groups in the file: "
-                             f"{', '.join(groups)}")
+    in_group = find_group(path, groups, in_dist)
     in_name = in_group.rsplit("/", 1)[0]
     ood_groups = [g for g in groups if g.rsplit("/", 1)[0] != in_name]
     if not ood_groups:

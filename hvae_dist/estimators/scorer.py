@@ -85,7 +85,7 @@ class ScoreSettings:
     iw_samples_lk: int | None = None
     """Importance samples of each L>k bound (None: same as iw_samples)."""
     ks: list | None = None
-    """k of the L>k bounds, each in 0..L-1 (None: 1..L-1)."""
+    """k of the L>k bounds, each in 0..L-1 (None: 1..L-1); stored in increasing order."""
     seed: int = 0
     """Seed of all noise (posterior samples, dynamic binarization)."""
     precision: str = "fp32"
@@ -113,7 +113,8 @@ class ScoreSettings:
 
     def resolved(self, num_layers: int) -> ScoreSettings:
         self.check()
-        ks = default_ks(num_layers) if self.ks is None else [int(k) for k in self.ks]
+        # Increasing order: the score file's columns of lk / llr follow ks, and its readers refuse any other order.
+        ks = default_ks(num_layers) if self.ks is None else sorted(int(k) for k in self.ks)
         bad = [k for k in ks if not 0 <= k < num_layers]
         if bad:
             raise ConfigError(f"--ks {bad}: each k must be in 0..{num_layers - 1} for this model with "

@@ -19,7 +19,7 @@ import torch
 from hvae_dist import __version__
 from hvae_dist.checkpoint import load_model_for_eval
 from hvae_dist.config import check_int_range, config_differences, config_from_dict, describe_differences, load_json
-from hvae_dist.data import RootHint, get_dataset, group_name, parse_dataset_spec
+from hvae_dist.data import RootHint, dataset_shape, get_dataset, group_name, parse_dataset_spec
 from hvae_dist.distributed import resolve_device
 from hvae_dist.errors import CheckpointError, ConfigError
 from hvae_dist.estimators.complexity import METHODS as COMPLEXITY_METHODS
@@ -156,10 +156,11 @@ def run_score_job(job: ScoreJob) -> Path:
     data = {}
     for g in groups:
         name, split = g.split("/")
-        data[g] = get_dataset(name, split, root, False, job.max_examples, hint)
-        if data[g].shape != tuple(model.input_shape):
-            raise ConfigError(f"dataset {name}:{split} has images of shape {data[g].shape} but the model takes "
+        shape = dataset_shape(name, split, root, False, hint)   # before any variant transforms a pixel
+        if shape != tuple(model.input_shape):
+            raise ConfigError(f"dataset {name}:{split} has images of shape {shape} but the model takes "
                               f"{tuple(model.input_shape)}; score datasets of the training set's shape")
+        data[g] = get_dataset(name, split, root, False, job.max_examples, hint)
     plan = ShardPlan(job.shard, job.num_shards, {g: len(data[g]) for g in groups})
     methods = list(COMPLEXITY_METHODS) if job.complexity else []
     attrs = {
