@@ -77,8 +77,9 @@ def format_text(result: Analysis) -> str:
     header = f"{'OOD (positives)':<24} {'score':<{width}}  {'AUROC':>7} {'AUPRC':>7} {'FPR80':>7}"
     lines += [header, "-" * len(header)]
     for g in result.ood_groups:
+        shown = " ".join(g.splitlines())   # a name from the score file: one line
         for r in (r for r in result.rows if r["ood"] == g):
-            lines.append(f"{g:<24} {r['label']:<{width}}  {r['auroc']:7.4f} {r['auprc']:7.4f} {r['fpr80']:7.4f}")
+            lines.append(f"{shown:<24} {r['label']:<{width}}  {r['auroc']:7.4f} {r['auprc']:7.4f} {r['fpr80']:7.4f}")
         lines.append("")
     lines.append("sign convention: every score is oriented so that higher = more OOD")
     lines += [f"  {label:<{width}}  {meaning}" for label, _, meaning in sign_convention(result)]
