@@ -204,26 +204,6 @@ def check_int_range(name: str, value: Any, low: int = 0, high: int = INT64_MAX) 
     return value
 
 
-def bounded_int(low: int = 0, high: int = INT64_MAX):
-    """argparse `type=` of an integer option in [low, high] (`check_int_range`): a bad value is refused
-    while the command line is parsed, before any file is created."""
-    import argparse
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-        try:
-            return check_int_range("value", value, low, high)
-        except ConfigError:
-            upper = "2^63 - 1" if high == INT64_MAX else str(high)
-            raise argparse.ArgumentTypeError(f"{text} is out of range; give an integer in [{low}, {upper}]") from None
-
-    parse.__name__ = "integer"   # argparse names the type in its messages
-    return parse
-
-
 def _depth(value: Any) -> int:
     """Nesting depth of lists / dicts in `value` (a scalar: 0), without recursion."""
     deepest, todo = 0, [(value, 0)]

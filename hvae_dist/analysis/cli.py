@@ -1,8 +1,9 @@
 """`hvae analyze FILE --in-dist NAME:SPLIT`: AUROC / AUPRC / FPR80 of every OOD set x score.
 
-Writes DIR/metrics.{md,csv,json} and the ROC / histogram PNGs (DIR defaults to FILE's folder /
-"analysis"), prints the table, and optionally logs it all to TensorBoard. Every score is oriented so
-that higher = more OOD; the table's footer says what each one is (see hvae_dist.analysis.metrics).
+Writes DIR/metrics.{md,csv,json}, the ROC / histogram PNGs and report.html (DIR defaults to FILE's
+folder / "analysis"; the folder is replaced as a whole), prints the table, and optionally logs it all to
+TensorBoard. Every score is oriented so that higher = more OOD; the table's footer says what each one is
+(see hvae_dist.analysis.metrics).
 Heavy imports (h5py, scikit-learn, matplotlib, torch) happen in `run`, so `hvae --help` stays fast.
 """
 from __future__ import annotations
@@ -69,7 +70,7 @@ def add_visualize_arguments(parser: argparse.ArgumentParser) -> None:
                         help="datasets whose first examples form the rows, e.g. FashionMNIST:test MNIST:test")
     parser.add_argument("--examples", type=int, default=8, help="rows per dataset")
     parser.add_argument("--temperatures", nargs="*", type=float, default=[0.5, 0.8, 1.0], metavar="T",
-                        help="prior-sample columns: the std of every prior draw times T (0: the prior modes)")
+                        help="prior-sample columns: the std of every prior draw times T, finite and >= 0 (0: the prior modes)")
     parser.add_argument("--out", default=None, metavar="DIR", help="output folder (default: RUN_DIR/visualize)")
     parser.add_argument("--checkpoint", default=None, help="checkpoint file (default: RUN_DIR/checkpoints/latest.pt)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the posterior noise (as hvae score --seed)")

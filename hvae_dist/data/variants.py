@@ -4,7 +4,7 @@ Syntax: ``BASE[-VARIANT]...:SPLIT``, variants applied left to right, usable wher
 (`data.dataset`, `data.val_datasets`, `hvae score --datasets`, `hvae analyze --in-dist`):
 
     inverted       255 - x                                       MNIST-inverted:test
-    HxW            resize to H x W, bilinear (PIL)               Omniglot-28x28:test
+    HxW            resize to H x W, bilinear (PIL); H, W 1..1024 Omniglot-28x28:test
     HxWnearest     resize to H x W, nearest neighbour            SmallNORB-28x28nearest:test
     rgb            grey -> 3 channels (the grey value repeated)  MNIST-32x32-rgb:test (for a CIFAR model)
 

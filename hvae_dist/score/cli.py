@@ -4,6 +4,7 @@ score: importance-weighted ELBO, L>k and LLR>k per example into OUT/shard-IIIII-
 index / count default from a SLURM job array (SLURM_ARRAY_TASK_ID - SLURM_ARRAY_TASK_MIN,
 SLURM_ARRAY_TASK_COUNT), else torchrun (RANK, WORLD_SIZE), else 0 of 1. Re-running a shard resumes it.
 merge: validate the shard files in OUT and write OUT/scores.h5 (atomically).
+SIGTERM / Ctrl-C unwind either (`hvae_dist.signals`): the shard file is closed, one line, exit 143 / 130.
 """
 from __future__ import annotations
 
@@ -61,7 +62,7 @@ def add_score_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--iw-samples-lk", type=int, default=None,
                    help="importance samples of each L>k bound (default: --iw-samples)")
     p.add_argument("--ks", nargs="+", default=None, metavar="K",
-                   help="k of the L>k bounds, each in 0..L-1, or 'all' (default: all = 1..L-1)")
+                   help="k of the L>k bounds, each in 0..L-1, or 'all'; stored in increasing order (default: all = 1..L-1)")
     p.add_argument("--out", required=True, help="output folder for the shard files")
     p.add_argument("--shard", type=int, default=None, help="this shard's index (default: from SLURM / torchrun, else 0)")
     p.add_argument("--num-shards", type=int, default=None, help="number of shards (default: from SLURM / torchrun, else 1)")
@@ -72,13 +73,14 @@ def add_score_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sample-chunk", type=_sample_chunk, default="auto", metavar="auto|C",
                    help="samples per example per forward pass (rows per pass = batch x chunk); does not change the "
                         "scores. auto: about 64 rows per pass on a CPU, 4096 on a GPU")
-    p.add_argument("--seed", type=int, default=0, help="seed of the posterior noise and dynamic binarization")
+    p.add_argument("--seed", type=int, default=0, help="seed of the posterior noise and dynamic binarization, 0 .. 2^63-1")
     p.add_argument("--no-ema", action="store_true", help="score the raw weights even when the checkpoint has EMA weights")
     p.add_argument("--precision", choices=SCORE_PRECISIONS, default="fp32",
                    help="network precision (bf16: autocast; log-densities fp32, reductions fp64)")
     p.add_argument("--complexity", action="store_true",
                    help="also store complexity_png / complexity_zlib (compressed size, nats) per example")
-    p.add_argument("--device", default="auto", help="auto (cuda:LOCAL_RANK when available, else cpu), cpu, cuda:N")
+    p.add_argument("--device", default="auto",
+                   help="auto (cuda:LOCAL_RANK when available, else cpu), cpu, cuda or cuda:N (refused when not here)")
     bar = p.add_mutually_exclusive_group()
     bar.add_argument("--progress", dest="progress", action="store_true", default=None,
                      help="show the progress bar even when stderr is not a terminal (default: bar on a terminal, "

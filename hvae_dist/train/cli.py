@@ -44,7 +44,8 @@ other model.* and data.* fields must stay as in DIR/config.json (start a new --r
 A run already at or past --max-steps stops at once and writes nothing. Files that a resume from an older
 checkpoint (--checkpoint, or a fallback past broken files) would contradict are moved to
 DIR/checkpoints/superseded-TIME/, never deleted. One trainer per DIR: a second one exits with an error
-naming the holder (DIR/.lock).
+naming the holder (DIR/.lock). SIGTERM / SIGUSR1 finish the step, save a checkpoint and exit 0; Ctrl-C
+does the same and exits 130 (a second Ctrl-C stops at once).
 Presets: {', '.join(preset_names())}.
 """
 
