@@ -145,8 +145,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(run(args) or 0)
     except signals.StoppedBySignal as e:
-        # One line, and exit status 128 + the signal (an in-process caller, e.g. a SLURM job, sees the exception).
-        print(f"hvae {args.command}: {e}", file=sys.stderr, flush=True)
+        # One line, and exit status 128 + the signal (an in-process caller, e.g. a SLURM job, sees the exception;
+        # a command run inside another, e.g. poster's analyze, has said it already).
+        if not e.reported:
+            print(f"hvae {args.command}: {e}", file=sys.stderr, flush=True)
+            e.reported = True
         raise
     except KeyboardInterrupt:   # a Ctrl-C that a library's own handler turned into KeyboardInterrupt
         stopped = signals.StoppedBySignal(signal.SIGINT)

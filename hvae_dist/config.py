@@ -242,7 +242,7 @@ def config_differences(a: Any, b: Any, prefix: str = "") -> list[tuple[str, Any,
     ("model.config_stochastic[1].latent_features", 16, 17); lists of equal length are compared item by item."""
     if isinstance(a, dict) and isinstance(b, dict):
         out = []
-        for key in sorted(a.keys() | b.keys(), key=str):
+        for key in [*a, *(k for k in b if k not in a)]:   # a's order (a config's field order), then b's others
             path = f"{prefix}.{key}" if prefix else str(key)
             if key not in a or key not in b:
                 out.append((path, a.get(key, "(missing)"), b.get(key, "(missing)")))

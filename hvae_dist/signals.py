@@ -30,6 +30,7 @@ class StoppedBySignal(SystemExit):
     def __init__(self, signum: int, note: str = ""):
         super().__init__(128 + int(signum))
         self.signum, self.note = int(signum), note
+        self.reported = False   # the console script printed its line
 
     @property
     def name(self) -> str:

@@ -105,10 +105,7 @@ def typicality_reference(groups: dict[str, Any], in_group: str) -> str | None:
 
 def _join_background(fg: dict[str, np.ndarray], bg: dict[str, np.ndarray], group: str, bg_path: Path) -> np.ndarray:
     """The background elbo reordered to match fg's `index` rows; ScoreFileError when they differ."""
-    fi, bi = fg["index"], bg["index"]
-    for which, idx in (("foreground", fi), ("background", bi)):
-        if np.unique(idx).size != idx.size:
-            raise ScoreFileError(f"{bg_path}: '{group}' has repeated index values in the {which} file; cannot join")
+    fi, bi = fg["index"], bg["index"]   # each without repeats (read_scores checks every file's index)
     if fi.size != bi.size or not np.array_equal(np.sort(fi), np.sort(bi)):
         only_fg, only_bg = np.setdiff1d(fi, bi), np.setdiff1d(bi, fi)
         raise ScoreFileError(f"{bg_path}: '{group}' indices do not match the foreground file: "

@@ -134,7 +134,7 @@ def resolve_config(args: argparse.Namespace) -> Config:
             given = f"--config {args.config} with --set" if args.config else "--set"
             names = ", ".join(path for path, _, _ in changed[:6]) + (", ..." if len(changed) > 6 else "")
             raise ConfigError(f"cannot change {names} when resuming {args.run_dir} ({given} differs from {saved}: "
-                              f"{describe_differences(changed, saved.name, 'requested')}): only train.* and "
+                              f"{describe_differences(changed, saved.name, 'requested', limit=3)}): only train.* and "
                               f"data.{{{','.join(RESUMABLE_DATA_KEYS)}}} may change; resume with the run's own "
                               "settings, or start a new --run-dir")
         return config_from_dict(apply_overrides(base, [o for o in overrides if _resumable(o)]))

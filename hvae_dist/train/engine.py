@@ -372,8 +372,8 @@ class Trainer:
         """Train until `max_steps` (default train.max_steps), the time budget, or a stop signal.
 
         Returns {"step", "reason"} with reason in finished | time | signal | already done (the run was at or
-        past max_steps: nothing trained, nothing written), and "signal": the number of the stop signal this
-        process got (None when none).
+        past max_steps: nothing trained, nothing written); when stopped by a signal, also "signal": the number of
+        the first stop signal this process got (None when another rank got it).
         """
         t = self.cfg.train
         max_steps = max_steps if max_steps is not None else t.max_steps
@@ -413,7 +413,9 @@ class Trainer:
             if reason != "signal" and t.eval_every and self.step % t.eval_every != 0:
                 self.validate()
             self.monitor.close()
-        return {"step": self.step, "reason": reason, "signal": self.stop_signal}
+        if reason == "signal":
+            return {"step": self.step, "reason": reason, "signal": self.stop_signal}
+        return {"step": self.step, "reason": reason}
 
     def validate(self) -> None:
         """Validation scalars and image grids to the monitor (rank 0), with the EMA weights when kept."""
