@@ -6,6 +6,8 @@ runs, so `hvae analyze` never imports DeepSpeed.
 
 Errors a user can fix end as one line `hvae CMD: error: ...` and exit code 2: every HvaeError, and every
 OSError that names a file (a full disk, a missing permission), with the free space of that file system.
+SIGTERM and Ctrl-C stop a command cleanly (`hvae_dist.signals`): one line `hvae CMD: stopped by SIGNAL; ...`
+and exit code 128 + the signal number.
 """
 from __future__ import annotations
 
@@ -13,7 +15,9 @@ import argparse
 import errno
 import importlib
 import shutil
+import signal
 import sys
+import threading
 from pathlib import Path
 
 # subcommand -> (module, its add-arguments function, its run function, one-line help)
@@ -133,9 +137,24 @@ def main(argv: list[str] | None = None) -> int:
         _innermost(parser, args).error(f"unrecognized arguments: {' '.join(unknown)}")
     module_name, _, run_fn, _ = COMMANDS[args.command]
     run = getattr(importlib.import_module(module_name), run_fn)
+    from hvae_dist import signals
     from hvae_dist.errors import HvaeError
+
+    # SIGTERM / Ctrl-C unwind the command (hvae_dist.signals); not where signals cannot be handled (a thread).
+    previous = signals.raise_on_stop() if threading.current_thread() is threading.main_thread() else {}
     try:
         return int(run(args) or 0)
+    except signals.StoppedBySignal as e:
+        # One line, and exit status 128 + the signal (an in-process caller, e.g. a SLURM job, sees the exception;
+        # a command run inside another, e.g. poster's analyze, has said it already).
+        if not e.reported:
+            print(f"hvae {args.command}: {e}", file=sys.stderr, flush=True)
+            e.reported = True
+        raise
+    except KeyboardInterrupt:   # a Ctrl-C that a library's own handler turned into KeyboardInterrupt
+        stopped = signals.StoppedBySignal(signal.SIGINT)
+        print(f"hvae {args.command}: {stopped}", file=sys.stderr, flush=True)
+        raise stopped from None
     except HvaeError as e:
         # Bad input is the user's to fix: one line naming what is wrong, no traceback.
         print(f"hvae {args.command}: error: {e}", file=sys.stderr)
@@ -145,3 +164,5 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"hvae {args.command}: error: {describe_os_error(e)}", file=sys.stderr)
         return 2
+    finally:
+        signals.restore(previous)

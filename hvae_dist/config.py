@@ -40,6 +40,12 @@ LR_SCHEDULES = ("constant", "cosine")
 # datasets' files are found. The others (dataset, binarize, max_train_examples, perturb_rate) change what
 # is trained.
 RESUMABLE_DATA_KEYS = ("val_datasets", "root", "download", "num_workers")
+INT64_MAX = 2**63 - 1
+"""The largest integer an option may have: seeds, sample counts, shard numbers and sizes are stored in
+checkpoints and HDF5 files as int64."""
+MAX_JSON_DEPTH = 32
+"""The deepest nesting of lists / objects a config (file, config.json, --set value) may have; the deepest
+real config has 5 (config, model, config_deterministic, stage, block)."""
 
 _DET_KEYS = {"block": str, "out_channels": int, "kernel_size": int, "stride": int, "weightnorm": bool,
              "gated": bool}
@@ -187,6 +193,83 @@ class Config:
 SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig}
 
 
+def check_int_range(name: str, value: Any, low: int = 0, high: int = INT64_MAX) -> int:
+    """`value` as an int in [low, high], else ConfigError naming `name` (a config key or an option such as
+    --seed). The one bound check of every integer stored in a checkpoint or an HDF5 file (as int64)."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"{name}: {value!r} is not an integer")
+    if not low <= value <= high:
+        upper = "2^63 - 1" if high == INT64_MAX else str(high)
+        raise ConfigError(f"{name}: {value} is out of range; give an integer in [{low}, {upper}]")
+    return value
+
+
+def _depth(value: Any) -> int:
+    """Nesting depth of lists / dicts in `value` (a scalar: 0), without recursion."""
+    deepest, todo = 0, [(value, 0)]
+    while todo:
+        item, d = todo.pop()
+        if isinstance(item, (list, dict)):
+            deepest = max(deepest, d + 1)
+            if d + 1 <= MAX_JSON_DEPTH:
+                todo.extend((v, d + 1) for v in (item.values() if isinstance(item, dict) else item))
+    return deepest
+
+
+def load_json(text: str, where: str, plain_string: bool = False) -> Any:
+    """`text` parsed as JSON; nesting deeper than MAX_JSON_DEPTH (which Python's parser would meet with a
+    RecursionError) or invalid JSON is a ConfigError naming `where` (a file, or an option).
+    `plain_string`: text that is not JSON comes back as the string itself (a --set value)."""
+    try:
+        value = json.loads(text)
+    except RecursionError:
+        value = None
+        deep = True
+    except json.JSONDecodeError as e:
+        if plain_string:
+            return text
+        raise ConfigError(f"{where} is not valid JSON: {e}") from None
+    else:
+        deep = _depth(value) > MAX_JSON_DEPTH
+    if deep:
+        raise ConfigError(f"{where}: lists / objects nested more than {MAX_JSON_DEPTH} levels deep; a config "
+                          "nests at most 4 levels")
+    return value
+
+
+def config_differences(a: Any, b: Any, prefix: str = "") -> list[tuple[str, Any, Any]]:
+    """(path, value in a, value in b) of every leaf where two config dicts differ, e.g.
+    ("model.config_stochastic[1].latent_features", 16, 17); lists of equal length are compared item by item."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        out = []
+        for key in [*a, *(k for k in b if k not in a)]:   # a's order (a config's field order), then b's others
+            path = f"{prefix}.{key}" if prefix else str(key)
+            if key not in a or key not in b:
+                out.append((path, a.get(key, "(missing)"), b.get(key, "(missing)")))
+            else:
+                out += config_differences(a[key], b[key], path)
+        return out
+    if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+        return [d for i, (x, y) in enumerate(zip(a, b)) for d in config_differences(x, y, f"{prefix}[{i}]")]
+    return [] if a == b else [(prefix, a, b)]
+
+
+def fixed_on_resume(cfg: dict) -> dict:
+    """The part of a config dict that a resumed run must keep: model.*, and data.* but RESUMABLE_DATA_KEYS."""
+    return {"model": dict(cfg.get("model", {})),
+            "data": {k: v for k, v in cfg.get("data", {}).items() if k not in RESUMABLE_DATA_KEYS}}
+
+
+def describe_differences(diffs: list[tuple[str, Any, Any]], a_name: str, b_name: str, limit: int = 6) -> str:
+    """'model.x: A 16, B 17; ...' for the first `limit` differences (values in full, JSON-like), '+N more'."""
+    def show(v: Any) -> str:
+        return v if v == "(missing)" else json.dumps(v, sort_keys=True)
+
+    parts = [f"{path}: {a_name} {show(x)}, {b_name} {show(y)}" for path, x, y in diffs[:limit]]
+    more = f"; and {len(diffs) - limit} more" if len(diffs) > limit else ""
+    return "; ".join(parts) + more
+
+
 def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp).replace("typing.", ""))
 
@@ -266,10 +349,7 @@ def read_config_source(name_or_path: str) -> dict:
         path = PRESET_DIR / f"{name_or_path}.json"
     if not path.exists():
         raise ConfigError(f"config '{name_or_path}' is neither a preset ({', '.join(preset_names())}) nor an existing file")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"config file {path} is not valid JSON: {e}") from e
+    return load_json(path.read_text(), f"config file {path}")
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:
@@ -280,11 +360,7 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     parts = key.strip().split(".")
     if len(parts) != 2 or parts[0] not in SECTIONS:
         raise ConfigError(f"override key '{key}' must be section.key with section one of {', '.join(SECTIONS)}")
-    try:
-        value = json.loads(raw)
-    except json.JSONDecodeError:
-        value = raw
-    return parts, value
+    return parts, load_json(raw, f"--set {key}", plain_string=True)
 
 
 def apply_overrides(data: dict, overrides: list[str] | None) -> dict:
@@ -381,8 +457,7 @@ def validate(cfg: Config) -> None:
     if d.max_train_examples is not None and d.max_train_examples < t.batch_size:
         raise ConfigError(f"config key 'data.max_train_examples': {d.max_train_examples} is smaller than train.batch_size="
                           f"{t.batch_size}: not one batch to train on")
-    if not 0 <= t.seed < 2**63:
-        raise ConfigError(f"config key 'train.seed': {t.seed!r} must be in [0, 2^63)")
+    check_int_range("config key 'train.seed'", t.seed)
     if t.ema_decay >= 1.0:
         raise ConfigError(f"config key 'train.ema_decay': {t.ema_decay!r} must be in [0, 1)")
     if t.skip_threshold is not None:

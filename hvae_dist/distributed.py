@@ -70,6 +70,30 @@ def device_for(world: World) -> torch.device:
     return torch.device("cpu")
 
 
+def resolve_device(name: str, world: World | None = None) -> torch.device:
+    """The device of a `--device` option: `auto` is this rank's GPU when there is one (`device_for`), else the
+    CPU; `cpu`, `cuda` and `cuda:N` as given. ConfigError for a name torch does not know, or a GPU that this
+    machine does not have."""
+    from hvae_dist.errors import ConfigError
+
+    if name == "auto":
+        return device_for(world or detect_world())
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError, ValueError):
+        raise ConfigError(f"--device {name!r} is not a device; give auto, cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ConfigError(f"--device {name!r}: only auto, cpu, cuda and cuda:N are supported")
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            why = "this torch build has no CUDA" if torch.version.cuda is None else "no GPU is visible"
+            raise ConfigError(f"--device {name}: CUDA is not available here ({why}); use --device cpu or auto")
+        if device.index is not None and device.index >= count:
+            raise ConfigError(f"--device {name}: this machine has {count} GPU(s), cuda:0 .. cuda:{count - 1}")
+    return device
+
+
 def init_distributed(world: World) -> None:
     """Create the default process group (NCCL on GPU, gloo on CPU) when world_size > 1."""
     if not world.distributed or torch.distributed.is_initialized():

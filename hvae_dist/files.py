@@ -7,6 +7,7 @@
                                      an HDF5 file too large for memory (hvae merge's scores.h5), streamed
                                      into the temp file, then fsync and rename as above
     remove_stale_temps(path)         delete the temp files of `path` left by writers that died (SIGKILL)
+    staged_folder(path, keep)        a folder replaced as a whole (a report): written beside, then swapped
 
 So a crash or a full disk leaves the old file or none, never a torn or 0-byte one. Small HDF5 files are
 built in memory and written as bytes because libhdf5 reports a full disk late and badly: inside its
@@ -24,23 +25,40 @@ exactly those and reports the live writers.
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import io
 import os
 import re
+import shutil
 import signal
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
-DEFERRED_SIGNALS = (signal.SIGTERM, signal.SIGINT)
-"""Signals that `write_hdf5_atomic` holds back while libhdf5 writes (re-raised after the temp file is gone)."""
+from hvae_dist.signals import STOP_SIGNALS
 
 
 def with_path(e: OSError, path: str | Path) -> OSError:
     """`e` as an OSError naming `path` (the file the user asked for, not a temp name), same errno."""
     return OSError(e.errno, e.strerror or str(e), str(path))
+
+
+def require_folder(path: str | Path, what: str) -> Path:
+    """`path` as a Path, when it is a folder or can become one: ConfigError when it, or the nearest of its
+    parents that exists, is a file (`what` names the option, e.g. "--run-dir"). Checked before anything is
+    written, so that the message is about the option, not a later "File exists" or "no checkpoint"."""
+    from hvae_dist.errors import ConfigError
+
+    path = Path(path)
+    p = path
+    while not p.exists() and not p.is_symlink() and p != p.parent:
+        p = p.parent
+    if p.exists() and not p.is_dir():
+        problem = "is a file, not a folder" if p == path else f"cannot be a folder: its parent {p} is a file"
+        raise ConfigError(f"{what} {path} {problem}; give a folder (it is created when missing)")
+    return path
 
 
 def fsync_dir(folder: str | Path) -> None:
@@ -223,13 +241,17 @@ class _ReservedFile(io.RawIOBase):
 class _DeferredSignals:
     """While active (main thread only): SIGTERM / SIGINT are recorded instead of handled, so that no Python
     exception is raised inside libhdf5's I/O callbacks; `restore()` reinstates the handlers and re-raises
-    the first recorded signal to its own handler."""
+    the first recorded signal to its own handler (`signals.raise_on_stop`: StoppedBySignal, the one line).
+
+    Not `signals.deferred()`: a signal mask holds the signal back in this thread only, and a process-directed
+    signal delivered to another thread (numpy's OpenBLAS threads have it unblocked) still runs the Python
+    handler in this one, at any bytecode, also inside libhdf5's callbacks into `_ReservedFile`."""
 
     def __init__(self):
         self.caught: int | None = None
         self.old: dict[int, object] = {}
         if threading.current_thread() is threading.main_thread():
-            for sig in DEFERRED_SIGNALS:
+            for sig in STOP_SIGNALS:
                 handler = signal.getsignal(sig)
                 if handler is not None and handler is not signal.SIG_IGN:   # None: set outside Python, left alone
                     self.old[sig] = signal.signal(sig, self._record)
@@ -311,3 +333,78 @@ def _reserve(fd: int, size: int) -> None:
         free = os.fstatvfs(fd)                # a file system without fallocate: check the free space instead
         if free.f_bavail * free.f_frsize < size:
             raise OSError(errno.ENOSPC, f"{os.strerror(errno.ENOSPC)} (needs about {size / 2**20:.1f} MiB)") from e
+
+
+def _stale(entry: Path) -> bool:
+    """A ".NAME.PID.tmp" / ".NAME.PID.old" folder of `staged_folder` whose process is gone (killed mid-swap)."""
+    try:
+        pid = int(entry.name.rsplit(".", 2)[-2])
+        os.kill(pid, 0)
+    except (ValueError, IndexError):
+        return False
+    except ProcessLookupError:
+        return True
+    except OSError:      # alive, owned by another user
+        return False
+    return pid == os.getpid()
+
+
+def _link_tree(src: Path, dst: Path) -> None:
+    """`dst` as a hard-linked copy of `src` (file or folder; a plain copy where links are refused)."""
+    def link(a: str, b: str) -> None:
+        try:
+            os.link(a, b)
+        except OSError:
+            shutil.copy2(a, b)
+
+    if src.is_dir() and not src.is_symlink():
+        shutil.copytree(src, dst, symlinks=True, copy_function=link)
+    elif src.is_symlink():
+        os.symlink(os.readlink(src), dst)
+    else:
+        link(str(src), str(dst))
+
+
+@contextlib.contextmanager
+def staged_folder(path: str | Path, keep: Callable[[Path], bool]) -> Iterator[Path]:
+    """Replace folder `path` as a whole: readers see the old folder or the new one, never a mix.
+
+    Yields an empty folder beside `path` (".NAME.PID.tmp", same file system) to write the new contents
+    into. When the block ends without error, the old folder's entries for which `keep(entry)` is true (files
+    that are not the writer's own) are hard-linked into it, it takes `path`'s place (two renames, with
+    SIGTERM / SIGINT held back between them) and the old folder is removed. On an error or a stop signal the
+    temp folder is removed and `path` is untouched. Leftovers of a process killed mid-swap (SIGKILL) are
+    removed by the next call.
+    """
+    from hvae_dist import signals
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for entry in path.parent.glob(f".{path.name}.*.*"):
+        if entry.suffix in (".tmp", ".old") and entry.is_dir() and _stale(entry):
+            shutil.rmtree(entry, ignore_errors=True)
+    tmp, old = (path.with_name(f".{path.name}.{os.getpid()}.{what}") for what in ("tmp", "old"))
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tmp.mkdir()
+        yield tmp
+        existed = path.is_dir()
+        try:
+            if existed:
+                for entry in path.iterdir():
+                    if keep(entry) and not (tmp / entry.name).exists():
+                        _link_tree(entry, tmp / entry.name)
+            with signals.deferred():
+                if existed:
+                    os.replace(path, old)
+                os.replace(tmp, path)
+        except OSError as e:
+            raise with_path(e, path) from e
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    fsync_dir(path.parent)
+    if existed:
+        for entry in old.iterdir():   # written into the old folder by another process meanwhile: keep them
+            if keep(entry) and not (path / entry.name).exists():
+                os.replace(entry, path / entry.name)
+        shutil.rmtree(old, ignore_errors=True)

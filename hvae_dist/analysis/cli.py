@@ -1,8 +1,9 @@
 """`hvae analyze FILE --in-dist NAME:SPLIT`: AUROC / AUPRC / FPR80 of every OOD set x score.
 
-Writes DIR/metrics.{md,csv,json} and the ROC / histogram PNGs (DIR defaults to FILE's folder /
-"analysis"), prints the table, and optionally logs it all to TensorBoard. Every score is oriented so
-that higher = more OOD; the table's footer says what each one is (see hvae_dist.analysis.metrics).
+Writes DIR/metrics.{md,csv,json}, the ROC / histogram PNGs and report.html (DIR defaults to FILE's
+folder / "analysis"; the folder is replaced as a whole), prints the table, and optionally logs it all to
+TensorBoard. Every score is oriented so that higher = more OOD; the table's footer says what each one is
+(see hvae_dist.analysis.metrics).
 Heavy imports (h5py, scikit-learn, matplotlib, torch) happen in `run`, so `hvae --help` stays fast.
 """
 from __future__ import annotations
@@ -14,8 +15,9 @@ EXAMPLES = """examples:
   hvae analyze scores/fm/scores.h5 --in-dist FashionMNIST:test              # -> scores/fm/analysis/
   hvae analyze scores/fm/scores.h5 --in-dist FashionMNIST:test --out report --scores llr nll \\
       --background scores/fm-bg/scores.h5 --tensorboard runs/fm
-Every file is written atomically; a score file with incomplete rows (an unmerged shard) is refused.
-Metrics use every row; figures draw at most 100,000 rows per group (a seeded uniform subsample)."""
+The report folder is replaced as a whole (a stop or a full disk leaves the previous report); a score file with
+incomplete rows (an unmerged shard) is refused. Metrics use every row; figures draw at most 100,000 rows per
+group (a seeded uniform subsample)."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -42,11 +44,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from hvae_dist.analysis.metrics import run_analysis
     from hvae_dist.analysis.report import format_text, report
+    from hvae_dist.files import require_folder
+    from hvae_dist.signals import stop_note
 
-    out = Path(args.out) if args.out else Path(args.file).resolve().parent / "analysis"
+    out = require_folder(args.out if args.out else Path(args.file).resolve().parent / "analysis", "--out")
+    if args.tensorboard:
+        require_folder(args.tensorboard, "--tensorboard")
     result = run_analysis(args.file, args.in_dist, background=args.background, scores=args.scores,
                           figures=not args.no_plots)
-    written = report(result, out, plots=not args.no_plots, tensorboard=args.tensorboard, tb_step=args.tb_step)
+    with stop_note(f"{out} holds the previous report (or none), unchanged; re-run to write the new one"):
+        written = report(result, out, plots=not args.no_plots, tensorboard=args.tensorboard, tb_step=args.tb_step)
     print(format_text(result))
     print(f"\nwrote {len(written)} files to {out}"
           + (f"; TensorBoard: {args.tensorboard}" if args.tensorboard else ""))
@@ -65,7 +72,7 @@ def add_visualize_arguments(parser: argparse.ArgumentParser) -> None:
                         help="datasets whose first examples form the rows, e.g. FashionMNIST:test MNIST:test")
     parser.add_argument("--examples", type=int, default=8, help="rows per dataset")
     parser.add_argument("--temperatures", nargs="*", type=float, default=[0.5, 0.8, 1.0], metavar="T",
-                        help="prior-sample columns: the std of every prior draw times T (0: the prior modes)")
+                        help="prior-sample columns: the std of every prior draw times T, finite and >= 0 (0: the prior modes)")
     parser.add_argument("--out", default=None, metavar="DIR", help="output folder (default: RUN_DIR/visualize)")
     parser.add_argument("--checkpoint", default=None, help="checkpoint file (default: RUN_DIR/checkpoints/latest.pt)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the posterior noise (as hvae score --seed)")
@@ -75,7 +82,11 @@ def add_visualize_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_visualize(args: argparse.Namespace) -> int:
     from hvae_dist.analysis.visualize import visualize_run
+    from hvae_dist.files import require_folder
 
+    require_folder(args.run_dir, "--run-dir")
+    if args.out:
+        require_folder(args.out, "--out")
     path = visualize_run(args.run_dir, args.datasets, args.out, args.examples, args.temperatures, args.seed,
                          args.checkpoint, not args.no_ema, args.data_root)
     print(path)

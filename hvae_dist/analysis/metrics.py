@@ -105,10 +105,7 @@ def typicality_reference(groups: dict[str, Any], in_group: str) -> str | None:
 
 def _join_background(fg: dict[str, np.ndarray], bg: dict[str, np.ndarray], group: str, bg_path: Path) -> np.ndarray:
     """The background elbo reordered to match fg's `index` rows; ScoreFileError when they differ."""
-    fi, bi = fg["index"], bg["index"]
-    for which, idx in (("foreground", fi), ("background", bi)):
-        if np.unique(idx).size != idx.size:
-            raise ScoreFileError(f"{bg_path}: '{group}' has repeated index values in the {which} file; cannot join")
+    fi, bi = fg["index"], bg["index"]   # each without repeats (read_scores checks every file's index)
     if fi.size != bi.size or not np.array_equal(np.sort(fi), np.sort(bi)):
         only_fg, only_bg = np.setdiff1d(fi, bi), np.setdiff1d(bi, fi)
         raise ScoreFileError(f"{bg_path}: '{group}' indices do not match the foreground file: "
@@ -248,6 +245,20 @@ def fields_needed(specs: list[ScoreSpec], figures: bool) -> list[str]:
     return sorted(need)
 
 
+def find_group(path: Path, groups: dict[str, Any], spec: str) -> str:
+    """The group of `groups` that NAME:SPLIT (or NAME/SPLIT) `spec` names; names match case-insensitively, as
+    `hvae score --datasets` takes them (fashionmnist:test is FashionMNIST/test). ScoreFileError otherwise."""
+    wanted = group_name(spec) if ":" in spec or "/" not in spec else spec
+    if wanted in groups:
+        return wanted
+    same = [g for g in groups if g.lower() == wanted.lower()]
+    if len(same) == 1:
+        return same[0]
+    why = f"several groups match it in any case ({', '.join(same)}); give the exact one" if same else \
+        f"groups in the file: {', '.join(groups)}"
+    raise ScoreFileError(f"{path}: no in-distribution group '{wanted}'; {why}")
+
+
 def run_analysis(score_file: str | Path, in_dist: str, background: str | Path | None = None,
                  scores: list[str] | None = None, figures: bool = True) -> Analysis:
     """Load, score and compute the metrics for every OOD group x score (no files written).
@@ -257,11 +268,8 @@ def run_analysis(score_file: str | Path, in_dist: str, background: str | Path | 
     figures=False the datasets only figures use (kl) are not read and `groups` / `values` stay empty.
     """
     path = Path(score_file)
-    in_group = group_name(in_dist) if ":" in in_dist or "/" not in in_dist else in_dist
     names, attrs = read_scores(path, fields={})               # names of groups and datasets; no values
-    if in_group not in names:
-        raise ScoreFileError(f"{path}: no in-distribution group '{in_group}'; groups in the file: "
-                             f"{', '.join(names)}")
+    in_group = find_group(path, names, in_dist)
     in_name = in_group.rsplit("/", 1)[0]
     ood_groups = [g for g in names if g.rsplit("/", 1)[0] != in_name]
     if not ood_groups:

@@ -1,7 +1,8 @@
 """What `hvae analyze` writes: the terminal table, metrics.{md,csv,json}, figures and TensorBoard.
 
-Every file is written atomically (`hvae_dist.files`: temp file, fsync, rename; the temp file is
-removed on failure), so a full disk leaves the previous report or none, never a 0-byte metrics.md.
+The report folder is replaced as a whole (`hvae_dist.files.staged_folder`: written beside it, then swapped
+in), so a full disk, SIGTERM or Ctrl-C leave the previous report or none, never a 0-byte metrics.md nor new
+tables beside the previous run's figures; files of the folder that the report does not write are kept.
 TensorBoard event files are appended by TensorBoard's own writer.
 """
 from __future__ import annotations
@@ -13,7 +14,16 @@ from pathlib import Path
 from typing import Any
 
 from hvae_dist.analysis.metrics import METRICS, Analysis, run_analysis
-from hvae_dist.files import with_path, write_text_atomic
+from hvae_dist.files import require_folder, staged_folder, with_path, write_bytes_atomic, write_text_atomic
+
+REPORT_FILES = ("metrics.md", "metrics.csv", "metrics.json", "report.html")
+FIGURE_PREFIXES = ("roc_", "hist_", "scatter_", "kl_layers", "auroc_by_k")
+
+
+def is_report_file(name: str) -> bool:
+    """Whether a file of the report folder is one that `report` writes (replaced by the next report; any
+    other file there is kept)."""
+    return name in REPORT_FILES or (name.endswith(".png") and name.startswith(FIGURE_PREFIXES))
 
 
 def analyze(score_file: str | Path, in_dist: str, out_dir: str | Path | None = None,
@@ -37,18 +47,20 @@ def report(result: Analysis, out_dir: str | Path | None, plots: bool = True,
     plots = plots and bool(result.groups)        # run_analysis(figures=False) keeps no rows to draw
     figures = plotting.make_figures(result) if plots and (out_dir is not None or tensorboard is not None) else {}
     if out_dir is not None:
-        out = Path(out_dir)
-        try:
-            out.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise with_path(e, out) from e
-        written += write_tables(result, out)
-        written += plotting.save_figures(figures, out)
-        if plots:
-            from hvae_dist.analysis.html import build_html
-            from hvae_dist.files import write_bytes_atomic
+        out = require_folder(out_dir, "--out")
+        # Written beside the old report and swapped in whole: a stop (SIGTERM, Ctrl-C) or a full disk leaves
+        # the previous report, never new tables beside old figures. Other files in the folder are kept.
+        with staged_folder(out, keep=lambda entry: not is_report_file(entry.name)) as stage:
+            try:
+                files = write_tables(result, stage) + plotting.save_figures(figures, stage)
+                if plots:
+                    from hvae_dist.analysis.html import build_html
 
-            written.append(write_bytes_atomic(out / "report.html", build_html(result, figures).encode()))
+                    files.append(write_bytes_atomic(stage / "report.html", build_html(result, figures).encode()))
+            except OSError as e:   # name the file the user asked for, not its staged copy
+                name = Path(e.filename).name if e.filename else ""
+                raise with_path(e, out / name) from e
+        written += [out / p.name for p in files]
     if tensorboard is not None:
         plotting.write_tensorboard(tensorboard, result, format_markdown(result), figures, step=tb_step)
     return written
@@ -67,8 +79,9 @@ def format_text(result: Analysis) -> str:
     header = f"{'OOD (positives)':<24} {'score':<{width}}  {'AUROC':>7} {'AUPRC':>7} {'FPR80':>7}"
     lines += [header, "-" * len(header)]
     for g in result.ood_groups:
+        shown = " ".join(g.splitlines())   # a name from the score file: one line
         for r in (r for r in result.rows if r["ood"] == g):
-            lines.append(f"{g:<24} {r['label']:<{width}}  {r['auroc']:7.4f} {r['auprc']:7.4f} {r['fpr80']:7.4f}")
+            lines.append(f"{shown:<24} {r['label']:<{width}}  {r['auroc']:7.4f} {r['auprc']:7.4f} {r['fpr80']:7.4f}")
         lines.append("")
     lines.append("sign convention: every score is oriented so that higher = more OOD")
     lines += [f"  {label:<{width}}  {meaning}" for label, _, meaning in sign_convention(result)]
@@ -76,9 +89,11 @@ def format_text(result: Analysis) -> str:
 
 
 def format_markdown(result: Analysis) -> str:
-    """metrics.md: provenance, the metrics table and the sign convention table."""
+    """metrics.md: provenance, the metrics table and the sign convention table. Group names come from the
+    score file, which may hold any text: they are escaped (`_md_name`) so that none breaks a line or the table."""
     a = result.attrs
-    lines = [f"# OOD metrics: {result.in_group} (in-distribution) vs {', '.join(result.ood_groups)}", "",
+    lines = [f"# OOD metrics: {_md_name(result.in_group)} (in-distribution) vs "
+             f"{_md_name(', '.join(result.ood_groups))}", "",
              f"- score file: `{result.score_file}`"]
     if result.background_file:
         lines.append(f"- background score file: `{result.background_file}`")
@@ -88,7 +103,7 @@ def format_markdown(result: Analysis) -> str:
     lines += ["- negatives (label 0): in-distribution; positives (label 1): OOD; FPR80 = FPR at TPR >= 0.8", "",
               "| OOD | score | AUROC | AUPRC | FPR80 | n in-dist | n OOD |", "|---|---|---:|---:|---:|---:|---:|"]
     for r in result.rows:
-        lines.append(f"| {r['ood']} | {_md(r['label'])} | {r['auroc']:.4f} | {r['auprc']:.4f} | {r['fpr80']:.4f} "
+        lines.append(f"| {_md_name(r['ood'])} | {_md(r['label'])} | {r['auroc']:.4f} | {r['auprc']:.4f} | {r['fpr80']:.4f} "
                      f"| {r['n_in']} | {r['n_ood']} |")
     lines += ["", "## Sign convention (every score: higher = more OOD)", "", "| score | id | value |", "|---|---|---|"]
     lines += [f"| {_md(label)} | `{sid}` | {_md(meaning)} |" for label, sid, meaning in sign_convention(result)]
@@ -96,7 +111,29 @@ def format_markdown(result: Analysis) -> str:
 
 
 def _md(text: str) -> str:
-    return text.replace("|", "\\|")
+    """`text` as one line of a markdown table cell: line breaks as spaces, backslashes and `|` escaped."""
+    text = " ".join(str(text).splitlines())
+    return text.replace("\\", "\\\\").replace("|", "\\|")
+
+
+def _md_name(text: str) -> str:
+    """A name from the score file (any text) in metrics.md: `_md`, and markdown's link / HTML / code
+    characters escaped, so that it shows as the text it is."""
+    text = _md(text)
+    for c in ("<", ">", "[", "]", "`"):
+        text = text.replace(c, "\\" + c)
+    return text
+
+
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+"""A spreadsheet reads a CSV cell that starts with one of these as a formula (OWASP's CSV injection list)."""
+
+
+def _csv_text(text: str) -> str:
+    """A cell of metrics.csv that came from the score file (a group name), neutralised against formula
+    injection: a leading formula character is preceded by an apostrophe, which spreadsheets show as text."""
+    text = str(text)
+    return "'" + text if text.startswith(FORMULA_STARTS) else text
 
 
 def write_tables(result: Analysis, out: Path) -> list[Path]:
@@ -107,7 +144,8 @@ def write_tables(result: Analysis, out: Path) -> list[Path]:
     table = io.StringIO(newline="")
     w = csv.DictWriter(table, fieldnames=fields, extrasaction="ignore")
     w.writeheader()
-    w.writerows(result.rows)
+    # Group names come from the score file: neutralised. Our labels (-ELBO, LLR>1) are written as they are.
+    w.writerows({**r, "in_dist": _csv_text(r["in_dist"]), "ood": _csv_text(r["ood"])} for r in result.rows)
     write_text_atomic(csv_path, table.getvalue())
     meta = {k: result.attrs[k] for k in ("model_checkpoint", "model_sha256", "iw_samples", "ks", "seed", "created",
                                          "format_version", "package_version") if k in result.attrs}

@@ -9,6 +9,7 @@ for why the lower latents are what makes the likelihood fail for OOD detection.
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -61,11 +62,17 @@ def visualize_run(run_dir: str | Path, datasets: Sequence[str], out: str | Path 
     """`hvae visualize`: the grid of a run's checkpoint for `datasets` (NAME:SPLIT), written to
     OUT/reconstructions.png (OUT defaults to RUN_DIR/visualize). Returns the PNG's path."""
     from hvae_dist.checkpoint import load_model_for_eval
+    from hvae_dist.config import check_int_range
     from hvae_dist.data import get_dataset, group_name, parse_dataset_spec
     from hvae_dist.errors import ConfigError
 
     if examples < 1:
         raise ConfigError(f"--examples must be >= 1, got {examples}")
+    check_int_range("--seed", seed)
+    bad = [t for t in temperatures if not (math.isfinite(t) and t >= 0)]
+    if bad:
+        raise ConfigError(f"--temperatures {' '.join(map(str, bad))}: each temperature scales the prior's standard "
+                          "deviation, so give finite numbers >= 0 (0: the prior modes)")
     model, cfg, ckpt = load_model_for_eval(run_dir, checkpoint, use_ema)
     images = {}
     for spec in datasets:

@@ -219,6 +219,7 @@ def _load_cached(name: str, split: str, root: str | None, download: bool) -> tup
     base, tokens = variants.split_name(name)
     if tokens:
         images, labels = _load_cached(base, split, root, download)
+        _check_variant_size(name, split, images.shape, tokens)
         for token in tokens:
             images = variants.apply_variant(images, token)
     elif name in variants.SYNTHETIC_NAMES:
@@ -239,6 +240,36 @@ def _load_cached(name: str, split: str, root: str | None, download: bool) -> tup
     images.flags.writeable = False  # shared through the cache: nobody may edit it in place
     labels.flags.writeable = False
     return images, labels
+
+
+MAX_VARIANT_BYTES = 4 * 2**30
+"""The most memory the images of one variant may take (a resize of a whole split to a large size would
+take far more than the machine has; fewer examples, e.g. --max-examples, take less)."""
+
+
+def _variant_shape(shape: tuple[int, ...], tokens: list[str]) -> tuple[int, int, int]:
+    for token in tokens:
+        shape = variants.variant_shape(shape, token)
+    return tuple(shape)
+
+
+def _check_variant_size(name: str, split: str, shape: tuple[int, ...], tokens: list[str]) -> None:
+    """ConfigError, before any pixel is transformed, when the variant's images would not fit MAX_VARIANT_BYTES."""
+    c, h, w = _variant_shape(shape[1:], tokens)
+    size = shape[0] * c * h * w
+    if size > MAX_VARIANT_BYTES:
+        raise ConfigError(f"{name}:{split} would take {size / 2**30:.1f} GiB in memory ({shape[0]} images of "
+                          f"{c}x{h}x{w} bytes; at most {MAX_VARIANT_BYTES / 2**30:.0f} GiB): use fewer examples "
+                          "(--max-examples N) or a smaller size")
+
+
+def dataset_shape(name: str, split: str, root: str | None = None, download: bool = False,
+                  hint: RootHint = SET_ROOT) -> tuple[int, int, int]:
+    """(C, H, W) of the images of `name`:`split`, computed from the base set's shape without transforming a
+    pixel, so that a job can refuse a set of the wrong shape before it resizes anything."""
+    base, tokens = variants.split_name(canonical_name(name))
+    images, _ = load_arrays(base, split, root, download, hint)
+    return _variant_shape(images.shape[1:], tokens)
 
 
 def load_arrays(name: str, split: str, root: str | None = None, download: bool = False,
@@ -302,11 +333,22 @@ def get_dataset(name: str, split: str, root: str | None = None, download: bool =
                 max_examples: int | None = None, hint: RootHint = SET_ROOT) -> ArrayDataset:
     """The dataset `name`:`split` (see load_arrays), cut to its first `max_examples` rows when given."""
     canon, split = canonical_name(name), _check_split(split)
-    images, labels = load_arrays(canon, split, root, download, hint)
-    if max_examples is not None:
-        if int(max_examples) < 1:
-            raise ConfigError(f"max_examples must be a positive integer or None, got {max_examples!r}")
+    if max_examples is not None and int(max_examples) < 1:
+        raise ConfigError(f"max_examples must be a positive integer or None, got {max_examples!r}")
+    base, tokens = variants.split_name(canon)
+    if tokens and max_examples is not None:
+        # Variants act image by image: transform only the rows asked for (a resize of the whole split first
+        # could take far more memory than they do). The rows equal those of the whole split's variant.
+        images, labels = load_arrays(base, split, root, download, hint)
         images, labels = images[:int(max_examples)], labels[:int(max_examples)]
+        _check_variant_size(canon, split, images.shape, tokens)
+        for token in tokens:
+            images = variants.apply_variant(images, token)
+        images = np.ascontiguousarray(images, dtype=np.uint8)
+    else:
+        images, labels = load_arrays(canon, split, root, download, hint)
+        if max_examples is not None:
+            images, labels = images[:int(max_examples)], labels[:int(max_examples)]
     return ArrayDataset(images, labels, canon, split)
 
 

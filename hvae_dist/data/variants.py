@@ -4,7 +4,7 @@ Syntax: ``BASE[-VARIANT]...:SPLIT``, variants applied left to right, usable wher
 (`data.dataset`, `data.val_datasets`, `hvae score --datasets`, `hvae analyze --in-dist`):
 
     inverted       255 - x                                       MNIST-inverted:test
-    HxW            resize to H x W, bilinear (PIL)               Omniglot-28x28:test
+    HxW            resize to H x W, bilinear (PIL); H, W 1..1024 Omniglot-28x28:test
     HxWnearest     resize to H x W, nearest neighbour            SmallNORB-28x28nearest:test
     rgb            grey -> 3 channels (the grey value repeated)  MNIST-32x32-rgb:test (for a CIFAR model)
 
@@ -28,18 +28,35 @@ from hvae_dist.errors import ConfigError
 
 SYNTHETIC_NAMES = ("UniformNoise", "BernoulliNoise", "Constant")
 SYNTHETIC_SIZES = {"train": 10_000, "validation": 1_000, "test": 10_000}
-_RESIZE = re.compile(r"^(\d{1,4})x(\d{1,4})(nearest)?$")
-VARIANT_HELP = "inverted, HxW (bilinear resize), HxWnearest, rgb"
+_RESIZE = re.compile(r"^(\d+)x(\d+)(nearest)?$")
+MAX_SIDE = 1024
+"""The largest height / width of a resize variant (the paper's images are 28 and 32 pixels wide)."""
+VARIANT_HELP = f"inverted, HxW (bilinear resize, H and W in 1..{MAX_SIDE}), HxWnearest, rgb"
 
 
 def canonical_variant(token: str) -> str:
-    """The canonical spelling of one variant token (lower case); ConfigError naming it when unknown."""
+    """The canonical spelling of one variant token (lower case); ConfigError naming it when unknown, and
+    saying which sizes a resize takes when its size is out of range."""
     t = token.strip().lower()
     m = _RESIZE.match(t)
-    if t in ("inverted", "rgb") or (m and int(m.group(1)) > 0 and int(m.group(2)) > 0):
+    if m:
+        if not (1 <= int(m.group(1)) <= MAX_SIDE and 1 <= int(m.group(2)) <= MAX_SIDE):
+            raise ConfigError(f"dataset variant {token!r}: a resize takes a height and a width in 1..{MAX_SIDE} "
+                              "(e.g. MNIST-32x32, SmallNORB-28x28nearest)")
+        return t
+    if t in ("inverted", "rgb"):
         return t
     raise ConfigError(f"unknown dataset variant {token!r}; variants: {VARIANT_HELP} (e.g. MNIST-inverted, "
                       "Omniglot-28x28)")
+
+
+def variant_shape(shape: tuple[int, ...], token: str) -> tuple[int, int, int]:
+    """(C, H, W) of an image of `shape` after variant `token`, computed without touching any pixel."""
+    c, h, w = (int(s) for s in shape)
+    if token == "rgb":
+        return (3, h, w) if c == 1 else (c, h, w)   # apply_variant refuses c != 1 with its own message
+    m = _RESIZE.match(token)
+    return (c, int(m.group(1)), int(m.group(2))) if m else (c, h, w)
 
 
 def split_name(name: str) -> tuple[str, list[str]]:

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 from torch.nn.utils import parametrize
 
-from hvae_dist.config import SCORE_PRECISIONS
+from hvae_dist.config import SCORE_PRECISIONS, check_int_range
 from hvae_dist.data import preprocess_batch
 from hvae_dist.errors import ConfigError
 from hvae_dist.estimators import noise as noise_mod
@@ -85,7 +85,7 @@ class ScoreSettings:
     iw_samples_lk: int | None = None
     """Importance samples of each L>k bound (None: same as iw_samples)."""
     ks: list | None = None
-    """k of the L>k bounds, each in 0..L-1 (None: 1..L-1)."""
+    """k of the L>k bounds, each in 0..L-1 (None: 1..L-1); stored in increasing order."""
     seed: int = 0
     """Seed of all noise (posterior samples, dynamic binarization)."""
     precision: str = "fp32"
@@ -96,19 +96,31 @@ class ScoreSettings:
     """Samples per example in one forward pass (rows per pass = batch * sample_chunk), or "auto": chosen per
     batch from the device (`resolve_sample_chunk`). Does not change the values."""
 
+    def check(self) -> None:
+        """Every integer in range (`config.check_int_range`: they are stored as int64 in the score file), before
+        any model is loaded or file created; ConfigError naming the option."""
+        check_int_range("--seed", self.seed)
+        if self.iw_samples < 1:
+            raise ConfigError(f"--iw-samples must be >= 1, got {self.iw_samples}")
+        check_int_range("--iw-samples", self.iw_samples, 1)
+        if self.iw_samples_lk is not None and self.iw_samples_lk < 1:
+            raise ConfigError(f"--iw-samples-lk must be >= 1 (or left out: the same as --iw-samples), "
+                              f"got {self.iw_samples_lk}")
+        if self.iw_samples_lk is not None:
+            check_int_range("--iw-samples-lk", self.iw_samples_lk, 1)
+        for k in self.ks or []:
+            check_int_range("--ks", k)
+
     def resolved(self, num_layers: int) -> ScoreSettings:
-        ks = default_ks(num_layers) if self.ks is None else [int(k) for k in self.ks]
+        self.check()
+        # Increasing order: the score file's columns of lk / llr follow ks, and its readers refuse any other order.
+        ks = default_ks(num_layers) if self.ks is None else sorted(int(k) for k in self.ks)
         bad = [k for k in ks if not 0 <= k < num_layers]
         if bad:
             raise ConfigError(f"--ks {bad}: each k must be in 0..{num_layers - 1} for this model with "
                               f"{num_layers} latent layers (L>k decodes layers 1..k from the prior)")
         if len(set(ks)) != len(ks):
             raise ConfigError(f"--ks {ks} repeats a value")
-        if self.iw_samples < 1:
-            raise ConfigError(f"--iw-samples must be >= 1, got {self.iw_samples}")
-        if self.iw_samples_lk is not None and self.iw_samples_lk < 1:
-            raise ConfigError(f"--iw-samples-lk must be >= 1 (or left out: the same as --iw-samples), "
-                              f"got {self.iw_samples_lk}")
         chunk = self.sample_chunk
         if chunk != "auto" and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1):
             raise ConfigError(f"--sample-chunk must be 'auto' or an integer >= 1, got {chunk!r}")

@@ -4,28 +4,16 @@ score: importance-weighted ELBO, L>k and LLR>k per example into OUT/shard-IIIII-
 index / count default from a SLURM job array (SLURM_ARRAY_TASK_ID - SLURM_ARRAY_TASK_MIN,
 SLURM_ARRAY_TASK_COUNT), else torchrun (RANK, WORLD_SIZE), else 0 of 1. Re-running a shard resumes it.
 merge: validate the shard files in OUT and write OUT/scores.h5 (streamed into a temp file, then renamed).
+SIGTERM / Ctrl-C unwind either (`hvae_dist.signals`): the shard file is closed, or merge's temp file removed;
+one line, exit 143 / 130.
 """
 from __future__ import annotations
 
 import argparse
-import signal
 
 from hvae_dist.config import SCORE_PRECISIONS
 from hvae_dist.errors import ConfigError
-
-
-class StoppedBySignal(SystemExit):
-    """`hvae score` unwound on SIGTERM: the shard file is closed and a re-run resumes it."""
-
-
-def _exit_on_sigterm(signum: int, _frame=None) -> None:
-    raise StoppedBySignal(f"hvae score: got {signal.Signals(signum).name}; the shard file is closed and resumes on "
-                          "re-run")
-
-
-def _stop_merge(signum: int, _frame=None) -> None:
-    raise StoppedBySignal(f"hvae merge: got {signal.Signals(signum).name}; stopped with no temp file left (scores.h5 "
-                          "is the previous one, or none, unless the new one was complete); re-run to merge")
+from hvae_dist.signals import stop_note
 
 
 def _ks(values: list[str] | None):
@@ -78,7 +66,7 @@ def add_score_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--iw-samples-lk", type=int, default=None,
                    help="importance samples of each L>k bound (default: --iw-samples)")
     p.add_argument("--ks", nargs="+", default=None, metavar="K",
-                   help="k of the L>k bounds, each in 0..L-1, or 'all' (default: all = 1..L-1)")
+                   help="k of the L>k bounds, each in 0..L-1, or 'all'; stored in increasing order (default: all = 1..L-1)")
     p.add_argument("--out", required=True, help="output folder for the shard files")
     p.add_argument("--shard", type=int, default=None, help="this shard's index (default: from SLURM / torchrun, else 0)")
     p.add_argument("--num-shards", type=int, default=None, help="number of shards (default: from SLURM / torchrun, else 1)")
@@ -89,13 +77,14 @@ def add_score_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sample-chunk", type=_sample_chunk, default="auto", metavar="auto|C",
                    help="samples per example per forward pass (rows per pass = batch x chunk); does not change the "
                         "scores. auto: about 64 rows per pass on a CPU, 4096 on a GPU")
-    p.add_argument("--seed", type=int, default=0, help="seed of the posterior noise and dynamic binarization")
+    p.add_argument("--seed", type=int, default=0, help="seed of the posterior noise and dynamic binarization, 0 .. 2^63-1")
     p.add_argument("--no-ema", action="store_true", help="score the raw weights even when the checkpoint has EMA weights")
     p.add_argument("--precision", choices=SCORE_PRECISIONS, default="fp32",
                    help="network precision (bf16: autocast; log-densities fp32, reductions fp64)")
     p.add_argument("--complexity", action="store_true",
                    help="also store complexity_png / complexity_zlib (compressed size, nats) per example")
-    p.add_argument("--device", default="auto", help="auto (cuda:LOCAL_RANK when available, else cpu), cpu, cuda:N")
+    p.add_argument("--device", default="auto",
+                   help="auto (cuda:LOCAL_RANK when available, else cpu), cpu, cuda or cuda:N (refused when not here)")
     bar = p.add_mutually_exclusive_group()
     bar.add_argument("--progress", dest="progress", action="store_true", default=None,
                      help="show the progress bar even when stderr is not a terminal (default: bar on a terminal, "
@@ -111,9 +100,6 @@ def run_score(args: argparse.Namespace) -> int:
     from hvae_dist.score.plan import resolve_shard
     from hvae_dist.score.runner import ScoreJob, run_score_job
 
-    # SLURM preemption / scancel / requeue send SIGTERM: unwind so the shard's HDF5 file is closed cleanly
-    # (rows are marked complete only after they are written; a re-run resumes at the first incomplete one).
-    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     shard, num_shards = resolve_shard(args.shard, args.num_shards)
     settings = ScoreSettings(iw_samples=args.iw_samples, iw_samples_lk=args.iw_samples_lk, ks=_ks(args.ks),
                              seed=args.seed, precision=args.precision, sample_chunk=args.sample_chunk)
@@ -121,7 +107,10 @@ def run_score(args: argparse.Namespace) -> int:
                    checkpoint=args.checkpoint, shard=shard, num_shards=num_shards, max_examples=args.max_examples,
                    batch_size=args.batch_size, use_ema=not args.no_ema, complexity=args.complexity,
                    device=args.device, progress=args.progress, data_root=args.data_root, log_every=args.log_every)
-    path = run_score_job(job)
+    # SLURM preemption / scancel / requeue send SIGTERM: it unwinds (hvae_dist.signals), so the shard's HDF5
+    # file is closed cleanly (rows are marked complete only after they are written; a re-run resumes there).
+    with stop_note("the shard file is closed; re-running the same command resumes it"):
+        path = run_score_job(job)
     print(path)
     return 0
 
@@ -134,14 +123,12 @@ def add_merge_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_merge(args: argparse.Namespace) -> int:
+    from hvae_dist.files import require_folder
     from hvae_dist.score.merge import merge_shards
 
-    # SIGTERM (scancel, preemption) and Ctrl-C: one line, no temp file (the write defers them to its next
-    # block, see files.write_hdf5_atomic); the handlers are restored, as `hvae merge` also runs in-process.
-    old = {sig: signal.signal(sig, _stop_merge) for sig in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        print(merge_shards(args.out, force=args.force))
-    finally:
-        for sig, handler in old.items():
-            signal.signal(sig, handler)
+    # SIGTERM (scancel, preemption) and Ctrl-C unwind (hvae_dist.signals); while the temp file is written
+    # they wait for the next block (files.write_hdf5_atomic), which removes it first.
+    with stop_note("no temp file is left; scores.h5 is the previous one (or none) unless the new one was "
+                   "complete; re-run to merge"):
+        print(merge_shards(require_folder(args.out, "OUT"), force=args.force))
     return 0

@@ -18,6 +18,7 @@ its HDF5 metadata after creation. Format 1 (contiguous, no checksums) is still r
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,7 @@ from hvae_dist.errors import ScoreFileError
 
 FORMAT_VERSION = 2
 """2: chunked datasets with Fletcher32 checksums. 1: contiguous, unchecked (readable, not resumable or mergeable)."""
+READABLE_FORMATS = (1, FORMAT_VERSION)
 CHUNK_ROWS = 1024
 IDENTITY_ATTRS = ("format_version", "model_sha256", "iw_samples", "iw_samples_lk", "ks", "seed", "dtype", "ema",
                   "binarize", "num_layers", "datasets", "dataset_sizes", "complexity")
@@ -61,6 +63,58 @@ def normalize_attr(key: str, value: Any) -> Any:
 
 def read_attrs(f) -> dict:
     return {k: normalize_attr(k, v) for k, v in f.attrs.items()}
+
+
+def check_attrs(path: Path, attrs: dict) -> dict:
+    """The root attributes of a score file, vouched for before any value is used (merge, analyze, resume):
+    `format_version` an int this version reads (not a string, not missing: a format-2 file must have
+    checksums, so a wrong version would skip that check); `ks` present, integers >= 0, strictly increasing
+    (the order the scorer writes; a file whose ks were rewritten, e.g. [2, 1], would silently swap the
+    columns of LLR>1 and LLR>2) and below num_layers when that is stored. Returns `attrs` with ks as a list
+    of int; any problem is a ScoreFileError naming the file and the attribute."""
+    version = attrs.get("format_version")
+    readable = " and ".join(map(str, READABLE_FORMATS))
+    if version is None:
+        raise ScoreFileError(f"{path}: root attribute 'format_version' is missing; not a score file of hvae-dist "
+                             f"(this version reads formats {readable})")
+    if isinstance(version, bool) or not isinstance(version, int):
+        raise ScoreFileError(f"{path}: root attribute 'format_version' is {version!r} ({type(version).__name__}), "
+                             f"not an integer; hvae-dist writes an integer (this version reads formats {readable}): "
+                             "the file was rewritten by another tool")
+    if version not in READABLE_FORMATS:
+        newer = " (written by a newer hvae-dist: upgrade to read it)" if version > FORMAT_VERSION else ""
+        raise ScoreFileError(f"{path}: score-file format {version}{newer}; this version of hvae-dist reads formats "
+                             f"{readable}")
+    if "ks" not in attrs:
+        raise ScoreFileError(f"{path}: root attribute 'ks' (the list of k of L>k) is missing")
+    raw = np.atleast_1d(np.asarray(attrs["ks"]))
+    if raw.ndim != 1 or not (raw.size == 0 or np.issubdtype(raw.dtype, np.integer)):
+        raise ScoreFileError(f"{path}: root attribute 'ks' is {attrs['ks']!r}; expected a list of integers")
+    ks = [int(k) for k in raw]
+    if any(k < 0 for k in ks) or any(b <= a for a, b in itertools.pairwise(ks)):
+        raise ScoreFileError(f"{path}: root attribute 'ks' is {ks}; hvae score writes distinct k >= 0 in increasing "
+                             "order, so the columns of lk / llr cannot be told apart: the file was edited")
+    layers = attrs.get("num_layers")
+    if isinstance(layers, int) and not isinstance(layers, bool) and ks and ks[-1] >= layers:
+        raise ScoreFileError(f"{path}: root attribute 'ks' is {ks} but num_layers is {layers}; each k must be in "
+                             f"0..{layers - 1}")
+    return {**attrs, "ks": ks}
+
+
+def check_index(path: Path, group: str, index: np.ndarray, size: int | None = None) -> None:
+    """A group's `index` (N,) int: every row a distinct example, in 0..size-1 when the planned size is known.
+    A repeated index would count one example twice in every metric."""
+    if index.size and not np.issubdtype(index.dtype, np.integer):
+        raise ScoreFileError(f"{path}: '{group}/index' has dtype {index.dtype}; expected integers")
+    values, counts = np.unique(index, return_counts=True)
+    if (counts > 1).any():
+        dup = values[counts > 1]
+        raise ScoreFileError(f"{path}: '{group}/index' repeats {dup.size} example(s) (e.g. index {int(dup[0])}, "
+                             f"{int(counts[counts > 1][0])} rows); every row must be a distinct example: the file was "
+                             "edited or merged by another tool")
+    if values.size and (values[0] < 0 or (size is not None and values[-1] >= size)):
+        bad = int(values[0]) if values[0] < 0 else int(values[-1])
+        raise ScoreFileError(f"{path}: '{group}/index' holds {bad}, outside the job's 0..{'' if size is None else size - 1}")
 
 
 def write_attrs(f, attrs: dict) -> None:

@@ -6,11 +6,13 @@
 
 Attributes come back as Python values (`ks` a list of int; config, datasets, dataset_sizes and
 complexity parsed from JSON). Groups are those listed in attrs["datasets"] (file order), else every
-"<Name>/<split>" group that holds datasets. Every group is checked against the layout of
-`hvae_dist.score.layout` (all fields present, shapes consistent); shard files keep their `complete`
-flags. HDF5 verifies every chunk's Fletcher32 checksum as it reads it, and a format-2 file (the current
-one) must have checksums on every dataset. Any problem is a ScoreFileError naming the file, the group and
-the field (a failed checksum: the dataset).
+"<Name>/<split>" group that holds datasets. The root attributes are vouched for by `layout.check_attrs`
+(an integer format version this version reads; ks distinct and increasing) and every group is checked
+against the layout of `hvae_dist.score.layout` (all fields present, shapes consistent with ks and
+num_layers; `layout.check_index`: no example twice); shard files keep their `complete` flags. HDF5
+verifies every chunk's Fletcher32 checksum as it reads it, and a format-2 file (the current one) must
+have checksums on every dataset. Any problem is a ScoreFileError naming the file, the group and the
+field (a failed checksum: the dataset).
 """
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from hvae_dist.errors import ScoreFileError
-from hvae_dist.score.layout import REQUIRED_FIELDS, open_h5, read_attrs, read_checked
+from hvae_dist.score.layout import REQUIRED_FIELDS, check_attrs, check_index, open_h5, read_attrs, read_checked
 
 
 class ScoreFile(NamedTuple):
@@ -65,8 +67,8 @@ def read_scores(path: str | Path, fields: Mapping[str, Collection[str]] | None =
         raise ScoreFileError(f"{path}: no such score file")
     try:
         with open_h5(path, "r") as f:
-            attrs = read_attrs(f)
-            checked = isinstance(attrs.get("format_version"), int) and attrs["format_version"] >= 2
+            attrs = check_attrs(path, read_attrs(f))
+            checked = attrs["format_version"] >= 2
             groups = {}
             for g in _group_names(path, f, attrs):
                 if g not in f or not isinstance(f[g], h5py.Group):
@@ -88,12 +90,9 @@ def read_scores(path: str | Path, fields: Mapping[str, Collection[str]] | None =
     except Exception as e:
         raise ScoreFileError(f"{path}: cannot be read ({type(e).__name__}: {e}); the file is damaged: "
                              "delete it and re-run the job (or the shard) that wrote it") from e
-    if "ks" not in attrs:
-        raise ScoreFileError(f"{path}: root attribute 'ks' (the list of k of L>k) is missing")
-    attrs["ks"] = [int(k) for k in np.atleast_1d(attrs["ks"])]
     for name, data in groups.items():
         if fields is None or name in fields:
-            _validate_group(path, name, data, attrs["ks"])
+            _validate_group(path, name, data, attrs)
     if fields is not None:
         groups = {g: {k: None if isinstance(v, _Unread) else v for k, v in data.items()} for g, data in groups.items()}
     return ScoreFile(groups, attrs)
@@ -109,7 +108,8 @@ class _Unread(NamedTuple):
         return len(self.shape)
 
 
-def _validate_group(path: Path, name: str, data: dict[str, np.ndarray], ks: list[int]) -> None:
+def _validate_group(path: Path, name: str, data: dict[str, np.ndarray], attrs: dict[str, Any]) -> None:
+    ks = attrs["ks"]
     missing = [k for k in REQUIRED_FIELDS if k not in data]
     if missing:
         raise ScoreFileError(f"{path}: group '{name}' lacks dataset(s) {', '.join(missing)} "
@@ -120,8 +120,13 @@ def _validate_group(path: Path, name: str, data: dict[str, np.ndarray], ks: list
         if data[key].shape != shape:
             raise ScoreFileError(f"{path}: '{name}/{key}' has shape {data[key].shape}, expected {shape} "
                                  f"(N = len(index), K = len(ks) = {len(ks)})")
-    if data["kl"].ndim != 2 or data["kl"].shape[0] != n:
-        raise ScoreFileError(f"{path}: '{name}/kl' has shape {data['kl'].shape}, expected ({n}, L)")
+    layers = attrs.get("num_layers") if isinstance(attrs.get("num_layers"), int) else None
+    if data["kl"].ndim != 2 or data["kl"].shape[0] != n or (layers is not None and data["kl"].shape[1] != layers):
+        raise ScoreFileError(f"{path}: '{name}/kl' has shape {data['kl'].shape}, expected ({n}, "
+                             f"{'L' if layers is None else layers})")
+    sizes = attrs.get("dataset_sizes")
+    size = sizes.get(name) if isinstance(sizes, dict) else None
+    check_index(path, name, data["index"], int(size) if isinstance(size, int) else None)
     for key, value in data.items():
         if key not in REQUIRED_FIELDS and value.shape[:1] != (n,):
             raise ScoreFileError(f"{path}: extra dataset '{name}/{key}' has shape {value.shape}, expected ({n}, ...)")

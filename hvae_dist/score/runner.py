@@ -7,7 +7,6 @@ shard recomputes no row that was already complete.
 """
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
@@ -19,13 +18,14 @@ import torch
 
 from hvae_dist import __version__
 from hvae_dist.checkpoint import load_model_for_eval
-from hvae_dist.config import config_from_dict
-from hvae_dist.data import RootHint, get_dataset, group_name, parse_dataset_spec
-from hvae_dist.distributed import detect_world, device_for
+from hvae_dist.config import check_int_range, config_differences, config_from_dict, describe_differences, load_json
+from hvae_dist.data import RootHint, dataset_shape, get_dataset, group_name, parse_dataset_spec
+from hvae_dist.distributed import resolve_device
 from hvae_dist.errors import CheckpointError, ConfigError
 from hvae_dist.estimators.complexity import METHODS as COMPLEXITY_METHODS
 from hvae_dist.estimators.complexity import compressed_size_nats
 from hvae_dist.estimators.scorer import IWScorer, ScoreSettings, default_batch_size
+from hvae_dist.files import require_folder
 from hvae_dist.score.layout import FORMAT_VERSION, file_sha256
 from hvae_dist.score.plan import ShardPlan
 from hvae_dist.score.writer import GroupSpec, ShardWriter, lock_shard
@@ -54,9 +54,15 @@ class ScoreJob:
     log_every: float = 30.0           # seconds between progress lines (when there is no bar)
 
 
-def resolve_device(name: str) -> torch.device:
-    """`auto`: this rank's GPU when there is one (the distributed world decides which), else the CPU."""
-    return device_for(detect_world()) if name == "auto" else torch.device(name)
+def check_job(job: ScoreJob) -> None:
+    """The job's integers in range (they are stored as int64 in the shard file), before anything is loaded or
+    created; ConfigError naming the option."""
+    job.settings.check()
+    check_int_range("--shard", job.shard)
+    check_int_range("--num-shards", job.num_shards, 1)
+    for option, value in (("--max-examples", job.max_examples), ("--batch-size", job.batch_size)):
+        if value is not None:
+            check_int_range(option, value, 1)
 
 
 def _trace(rows_group: str, indices: np.ndarray) -> None:
@@ -66,29 +72,21 @@ def _trace(rows_group: str, indices: np.ndarray) -> None:
             f.write("".join(f"{rows_group} {int(i)}\n" for i in indices))
 
 
-def _short(value) -> str:
-    text = json.dumps(value, sort_keys=True)
-    return text if len(text) <= 60 else text[:57] + "..."
-
-
 def check_run_config(run_dir: str | Path, ckpt_path: str | Path, cfg) -> None:
     """Refuse a checkpoint whose model config differs from RUN_DIR/config.json (when the run dir has one)."""
     path = Path(run_dir) / "config.json"
     if not path.is_file():
         return
     try:
-        run_model = config_from_dict(json.loads(path.read_text())).to_dict()["model"]
+        run_model = config_from_dict(load_json(path.read_text(), str(path))).to_dict()["model"]
     except (OSError, ValueError) as e:   # ConfigError is a ValueError
         raise ConfigError(f"{path}: cannot be read as a run config ({e})") from e
-    ckpt_model = cfg.to_dict()["model"]
-    diff = sorted(k for k in set(run_model) | set(ckpt_model) if run_model.get(k) != ckpt_model.get(k))
+    diff = config_differences({"model": cfg.to_dict()["model"]}, {"model": run_model})
     if diff:
-        k = diff[0]
         raise CheckpointError(
-            f"checkpoint {ckpt_path} holds another model than {path}: they differ in "
-            f"{', '.join('model.' + d for d in diff)} (model.{k}: checkpoint {_short(ckpt_model.get(k))}, "
-            f"config.json {_short(run_model.get(k))}); pass a checkpoint of this run (--checkpoint) or the run dir "
-            "it belongs to (--run-dir)")
+            f"checkpoint {ckpt_path} holds another model than {path}: "
+            f"{describe_differences(diff, 'checkpoint', 'config.json')}; pass a checkpoint of this run "
+            "(--checkpoint) or the run dir it belongs to (--run-dir)")
 
 
 class ProgressLog:
@@ -133,6 +131,9 @@ def _duration(seconds: float) -> str:
 
 def run_score_job(job: ScoreJob) -> Path:
     """Score this shard; returns the shard file path. Raises HvaeError subclasses on bad input."""
+    check_job(job)
+    require_folder(job.run_dir, "--run-dir")
+    require_folder(job.out, "--out")
     device = resolve_device(job.device)
     batch_size = default_batch_size(device) if job.batch_size is None else job.batch_size
     if batch_size < 1:
@@ -155,10 +156,11 @@ def run_score_job(job: ScoreJob) -> Path:
     data = {}
     for g in groups:
         name, split = g.split("/")
-        data[g] = get_dataset(name, split, root, False, job.max_examples, hint)
-        if data[g].shape != tuple(model.input_shape):
-            raise ConfigError(f"dataset {name}:{split} has images of shape {data[g].shape} but the model takes "
+        shape = dataset_shape(name, split, root, False, hint)   # before any variant transforms a pixel
+        if shape != tuple(model.input_shape):
+            raise ConfigError(f"dataset {name}:{split} has images of shape {shape} but the model takes "
                               f"{tuple(model.input_shape)}; score datasets of the training set's shape")
+        data[g] = get_dataset(name, split, root, False, job.max_examples, hint)
     plan = ShardPlan(job.shard, job.num_shards, {g: len(data[g]) for g in groups})
     methods = list(COMPLEXITY_METHODS) if job.complexity else []
     attrs = {

@@ -21,6 +21,7 @@ import shutil
 import sys
 from pathlib import Path
 
+from hvae_dist.config import check_int_range
 from hvae_dist.errors import ConfigError, SubmitError
 
 SCORE_EXTRA = {"--shard", "--num-shards", "--progress", "--no-progress"}
@@ -246,6 +247,12 @@ def submit_score(args: argparse.Namespace, run_dir: str, out_dir: str, after: st
     n = args.num_shards
     if n < 1:
         raise ConfigError(f"--num-shards must be >= 1, got {n}")
+    # Before anything is queued: the bound check `hvae score` makes of the integers its shard files store.
+    for option, value, low in (("--iw-samples", args.iw_samples, 1), ("--seed", args.seed, 0),
+                               ("--max-examples", args.max_examples, 1), ("--num-shards", n, 1),
+                               ("--batch-size", args.score_batch_size, 1)):
+        if value is not None:
+            check_int_range(option, value, low)
     if args.max_concurrent is not None and args.max_concurrent < 1:
         raise ConfigError(f"--max-concurrent must be >= 1, got {args.max_concurrent}")
     argv = score_argv(args, run_dir, out_dir)

@@ -152,7 +152,7 @@ class ScoreShard(Checkpointable):
     signal_grace_s: float = 30.0   # after a SIGTERM stop: how long to wait for submitit's USR2 (SLURM's KillWait)
 
     def __call__(self) -> str:
-        from hvae_dist.score.cli import StoppedBySignal
+        from hvae_dist.signals import StoppedBySignal
 
         try:
             _hvae(["score", *self.argv, "--shard", str(self.shard), "--num-shards", str(self.num_shards),

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 from pathlib import Path
 
 from hvae_dist.config import (
@@ -12,12 +13,17 @@ from hvae_dist.config import (
     Config,
     TrainConfig,
     apply_overrides,
+    config_differences,
     config_from_dict,
+    describe_differences,
+    fixed_on_resume,
+    load_json,
     parse_override,
     preset_names,
     read_config_source,
 )
 from hvae_dist.errors import ConfigError
+from hvae_dist.signals import StoppedBySignal
 
 EPILOG = f"""\
 examples:
@@ -38,7 +44,8 @@ other model.* and data.* fields must stay as in DIR/config.json (start a new --r
 A run already at or past --max-steps stops at once and writes nothing. Files that a resume from an older
 checkpoint (--checkpoint, or a fallback past broken files) would contradict are moved to
 DIR/checkpoints/superseded-TIME/, never deleted. One trainer per DIR: a second one exits with an error
-naming the holder (DIR/.lock).
+naming the holder (DIR/.lock). SIGTERM / SIGUSR1 finish the step, save a checkpoint and exit 0; Ctrl-C
+does the same and exits 130 (a second Ctrl-C stops at once).
 Presets: {', '.join(preset_names())}.
 """
 
@@ -89,10 +96,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def _read_saved_config(path: Path) -> dict:
     try:
-        data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise ConfigError(f"{path} cannot be read as JSON ({e}); restore it, or give the run's --config and --set "
-                          "again to rewrite it") from None
+        data = load_json(path.read_text(), str(path))
+    except (OSError, ConfigError) as e:
+        raise ConfigError(f"{path} cannot be read as a run config ({e}); restore it, or give the run's --config "
+                          "and --set again to rewrite it") from None
     if not isinstance(data, dict) or not all(isinstance(data.get(k), dict) for k in ("model", "data", "train")):
         raise ConfigError(f"{path} is not a run config (an object with model, data and train sections)")
     return data
@@ -118,16 +125,18 @@ def resolve_config(args: argparse.Namespace) -> Config:
         # --config and model.* / data.* overrides may be repeated, but must not change the stored values.
         requested = config_from_dict(apply_overrides(read_config_source(args.config) if args.config else base,
                                                      overrides)).to_dict()
-        for section in ("model", "data"):
-            changed = sorted(k for k in base[section].keys() | requested[section].keys()
-                             if k != "input_shape" and base[section].get(k) != requested[section].get(k)
-                             and not (section == "data" and k in RESUMABLE_DATA_KEYS))
-            if changed:
-                given = f"--config {args.config} with --set" if args.config else "--set"
-                raise ConfigError(f"cannot change {', '.join(f'{section}.{k}' for k in changed)} when resuming "
-                                  f"{args.run_dir} ({given} differs from {saved}): only train.* and "
-                                  f"data.{{{','.join(RESUMABLE_DATA_KEYS)}}} may change; resume with the run's own "
-                                  "settings, or start a new --run-dir")
+        # input_shape is filled in from the data when a run starts: a preset's null is not a change.
+        fixed, asked = fixed_on_resume(base), fixed_on_resume(requested)
+        fixed["model"].pop("input_shape", None)
+        asked["model"].pop("input_shape", None)
+        changed = config_differences(fixed, asked)
+        if changed:
+            given = f"--config {args.config} with --set" if args.config else "--set"
+            names = ", ".join(path for path, _, _ in changed[:6]) + (", ..." if len(changed) > 6 else "")
+            raise ConfigError(f"cannot change {names} when resuming {args.run_dir} ({given} differs from {saved}: "
+                              f"{describe_differences(changed, saved.name, 'requested', limit=3)}): only train.* and "
+                              f"data.{{{','.join(RESUMABLE_DATA_KEYS)}}} may change; resume with the run's own "
+                              "settings, or start a new --run-dir")
         return config_from_dict(apply_overrides(base, [o for o in overrides if _resumable(o)]))
     if args.config is None:
         raise ConfigError(f"{args.run_dir} has no config.json: give --config PRESET|FILE to start a new run")
@@ -135,9 +144,15 @@ def resolve_config(args: argparse.Namespace) -> Config:
 
 
 def run(args: argparse.Namespace) -> int:
+    from hvae_dist.files import require_folder
     from hvae_dist.train.runner import run_training
 
+    require_folder(args.run_dir, "--run-dir")
     cfg = resolve_config(args)
-    run_training(cfg, args.run_dir, args.progress, checkpoint=getattr(args, "checkpoint", None),
-                 restart=getattr(args, "restart", False))
+    result = run_training(cfg, args.run_dir, args.progress, checkpoint=getattr(args, "checkpoint", None),
+                          restart=getattr(args, "restart", False))
+    if result.get("signal") == signal.SIGINT:
+        # Ctrl-C: the step finished and its checkpoint is saved (a SIGTERM, SLURM's stop, exits 0 after it).
+        raise StoppedBySignal(signal.SIGINT, f"checkpoint of step {result['step']} saved in "
+                                             f"{Path(args.run_dir) / 'checkpoints'}; re-run the same command to resume")
     return 0

@@ -35,18 +35,19 @@ from hvae_dist.checkpoint import (
     set_aside,
     step_of,
 )
-from hvae_dist.config import Config
+from hvae_dist.config import RESUMABLE_DATA_KEYS, Config, config_differences, describe_differences, fixed_on_resume
 from hvae_dist.data import get_dataset, parse_dataset_spec, perturb, preprocess_batch
 from hvae_dist.distributed import World, all_reduce_mean
 from hvae_dist.errors import CheckpointError, ConfigError, DatasetUnavailableError, TrainingDivergedError
 from hvae_dist.model import HierarchicalVAE, build_model
 from hvae_dist.objectives import bits_per_dim, elbo_loss, free_nats_at, kl_warmup_beta, lr_at
+from hvae_dist.signals import StoppedBySignal
 from hvae_dist.train.backends import Backend, make_backend
 from hvae_dist.train.ema import EMA
 from hvae_dist.train.monitor import Monitor
 
 log = logging.getLogger("hvae_dist.train")
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)   # see hvae_dist.signals: finish the step, save
 # Test-only fault injection: the loss of these steps is made NaN on every rank (see tests/test_train_*.py).
 # Value: a step ("3"), a comma list ("3,7") or "all".
 NAN_STEP_ENV = "HVAE_DEBUG_NAN_AT_STEP"
@@ -109,6 +110,7 @@ class Trainer:
         self.counters = Counters()
         self.monitor = monitor
         self._stop_requested = False
+        self.stop_signal: int | None = None   # the first stop signal this process got
         self._perm: tuple[int, torch.Tensor] | None = None
         self._nan_steps = _nan_steps_from_env()
         if t.lr_schedule == "cosine" and t.max_minutes is not None and world.is_main:
@@ -144,9 +146,14 @@ class Trainer:
                 f"(schema {SCHEMA_VERSION}), so resuming it would change the run's data and noise mid-run; finish it "
                 "with the version that started it, or start over with --restart or a new --run-dir (its weights "
                 "still load for hvae score)")
-        if state["config"]["model"] != self.cfg.to_dict()["model"]:
-            raise ConfigError(f"the checkpoint in {self.run_dir} was made with another model config; "
-                              "use a new --run-dir or the run's own config.json")
+        # Against the checkpoint's own config, not config.json: an edited or missing config.json must not let
+        # a FashionMNIST model resume on MNIST.
+        changed = config_differences(fixed_on_resume(state["config"]), fixed_on_resume(self.cfg.to_dict()))
+        if changed:
+            raise ConfigError(f"the checkpoint in {self.run_dir} was made with another model or data config "
+                              f"({describe_differences(changed, 'checkpoint', 'this run')}); only train.* and "
+                              f"data.{{{','.join(RESUMABLE_DATA_KEYS)}}} may change on resume: use the run's own "
+                              "config, or start a new --run-dir")
         self.model.load_state_dict(state["model"])
         if self.ema is not None and state.get("ema") is not None:
             self.ema.load_state_dict(state["ema"])
@@ -340,9 +347,16 @@ class Trainer:
         return stats
 
     # ----- signals -----
-    def request_stop(self, *_args) -> None:
-        """Signal handler (SIGTERM / SIGUSR1): finish the current step, checkpoint, exit cleanly."""
+    def request_stop(self, signum: int | None = None, _frame=None) -> None:
+        """Signal handler (SIGTERM / SIGUSR1 / SIGINT): finish the current step, checkpoint, exit cleanly.
+
+        A second Ctrl-C does not wait for the step: it unwinds at once (the last saved checkpoint stays)."""
+        if signum == signal.SIGINT and self._stop_requested:
+            raise StoppedBySignal(signum, f"a second Ctrl-C: the step in progress was not saved; re-run the same "
+                                          f"command to resume {self.run_dir} from its last checkpoint")
         self._stop_requested = True
+        if self.stop_signal is None and signum is not None:
+            self.stop_signal = int(signum)
 
     def install_signal_handlers(self) -> None:
         for sig in STOP_SIGNALS:
@@ -358,7 +372,8 @@ class Trainer:
         """Train until `max_steps` (default train.max_steps), the time budget, or a stop signal.
 
         Returns {"step", "reason"} with reason in finished | time | signal | already done (the run was at or
-        past max_steps: nothing trained, nothing written).
+        past max_steps: nothing trained, nothing written); when stopped by a signal, also "signal": the number of
+        the first stop signal this process got (None when another rank got it).
         """
         t = self.cfg.train
         max_steps = max_steps if max_steps is not None else t.max_steps
@@ -398,6 +413,8 @@ class Trainer:
             if reason != "signal" and t.eval_every and self.step % t.eval_every != 0:
                 self.validate()
             self.monitor.close()
+        if reason == "signal":
+            return {"step": self.step, "reason": reason, "signal": self.stop_signal}
         return {"step": self.step, "reason": reason}
 
     def validate(self) -> None:

@@ -56,7 +56,7 @@ def test_an_int_too_large_for_a_float_is_refused():
     (['data.val_datasets=["MNIST:test", "MNIST:test"]'], "MNIST:test appears more than once"),
     (["data.val_datasets=[]"], "'data.val_datasets' is empty but train.eval_every=1000"),
     (["data.max_train_examples=10"], "'data.max_train_examples': 10 is smaller than train.batch_size=64"),
-    (["train.seed=-1"], "'train.seed': -1 must be in [0, 2^63)"),
+    (["train.seed=-1"], "'train.seed': -1 is out of range; give an integer in [0, 2^63 - 1]"),
 ])
 def test_impossible_settings_are_refused_up_front(overrides, fragment):
     with pytest.raises(ConfigError) as e:

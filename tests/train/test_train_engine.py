@@ -188,7 +188,8 @@ def test_checkpoint_of_another_model_config_refuses_to_load(tmp_path):
     trainer = _trainer(tmp_path)
     trainer.fit(1)
     other = Trainer(th.small_config(model__type="lvae"), tmp_path, World(), CPU)
-    with pytest.raises(ConfigError, match="made with another model config"):
+    with pytest.raises(ConfigError, match=r'made with another model or data config \(model\.type: checkpoint "vae", '
+                                          r'this run "lvae"\)'):
         other.maybe_resume()
 
 
