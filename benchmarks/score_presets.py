@@ -38,7 +38,8 @@ from bench_common import count_flops, header, interleaved, peak_conv_cases, peak
 
 from hvae_dist.config import load_config
 from hvae_dist.data import get_dataset, preprocess_batch
-from hvae_dist.estimators.scorer import IWScorer, ScoreSettings, default_batch_size, resolve_sample_chunk
+from hvae_dist.estimators.rows import default_batch_size, resolve_sample_chunk
+from hvae_dist.estimators.scorer import IWScorer, ScoreSettings
 from hvae_dist.model import build_model, lk_modes
 
 DATASETS = {"fashionmnist": ("FashionMNIST", "test"), "cifar10": ("CIFAR10", "test")}

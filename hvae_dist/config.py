@@ -495,3 +495,4 @@ def _validate_recipe(t: TrainConfig) -> None:
         raise ConfigError(f"config key 'train.accumulation_steps': {t.accumulation_steps} does not divide "
                           f"train.batch_size={t.batch_size}: each update's batch is split into accumulation_steps "
                           "equal micro-batches (on every rank)")
+

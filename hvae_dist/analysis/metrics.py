@@ -1,5 +1,7 @@
 """OOD scores and metrics (AUROC, AUPRC, FPR80) from a merged score file: what `hvae analyze` computes.
 
+The metrics are `hvae_dist.estimators.detection.compute_metrics` (re-exported here and in hvae_dist.analysis).
+
 The in-distribution set (``--in-dist NAME:SPLIT``, usually the test split) is the negative class
 (label 0); each other dataset in the file is, in turn, the positive class (label 1). Other splits of
 the in-distribution dataset (train / validation) are never treated as OOD sets.
@@ -46,10 +48,9 @@ import numpy as np
 from hvae_dist.data import group_name
 from hvae_dist.errors import ConfigError, ScoreFileError
 from hvae_dist.estimators.complexity import METHODS as COMPLEXITY_METHODS
+from hvae_dist.estimators.detection import compute_metrics
 from hvae_dist.score.reader import read_scores
 
-TPR_LEVEL = 0.8
-METRICS = ("auroc", "auprc", "fpr80")
 SCORE_FAMILIES = ("nll", "lk", "llr", "complexity", "background", "typicality")
 
 
@@ -136,43 +137,8 @@ def compute_scores(data: dict[str, np.ndarray], specs: list[ScoreSpec], ks: list
     return out
 
 
-# ----------------------------------------------------------------------------------------------- metrics
-def ranked_counts(neg_scores: np.ndarray, pos_scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(fps, tps): for each distinct score, highest first, the number of negatives / positives scoring at
-    least that much; both start with 0 (the threshold above every score). One sort: O(N log N) time and
-    about 4 x 8 bytes per score of memory (N = negatives + positives), which every metric reads from."""
-    s = np.concatenate([np.asarray(neg_scores, np.float64).ravel(), np.asarray(pos_scores, np.float64).ravel()])
-    order = np.argsort(s)[::-1]                       # descending; the order of ties does not matter, only
-    s = s[order]                                      # the counts at the last of each run of equal scores
-    is_pos = order >= s.size - np.asarray(pos_scores).size
-    del order
-    last = np.flatnonzero(s[1:] != s[:-1])
-    last = np.append(last, s.size - 1)
-    tps = np.cumsum(is_pos)[last]
-    return np.r_[0, last + 1 - tps], np.r_[0, tps]
-
-
-def compute_metrics(neg_scores: np.ndarray, pos_scores: np.ndarray) -> dict[str, float]:
-    """AUROC, AUPRC (average precision) and FPR at 80% TPR; negatives = in-dist (0), positives = OOD (1).
-
-    Scores must be finite, higher = more OOD. All three come from one sort (`ranked_counts`) and equal
-    scikit-learn's roc_auc_score, average_precision_score and roc_curve (to rounding, ~1e-15), also on
-    10^7 rows. FPR80 is the false positive rate at the highest threshold whose TPR >= 0.8; tied scores move
-    together (every distinct threshold is kept), so ties are never broken in the detector's favour.
-    """
-    n_neg, n_pos = np.asarray(neg_scores).size, np.asarray(pos_scores).size
-    if n_neg == 0 or n_pos == 0:
-        raise ConfigError(f"compute_metrics needs both classes: {n_neg} negatives, {n_pos} positives")
-    fps, tps = ranked_counts(neg_scores, pos_scores)
-    fpr, tpr = fps / n_neg, tps / n_pos
-    precision = tps[1:] / (tps[1:] + fps[1:])
-    # TPR >= 0.8 compared in counts, not in float (e.g. 4/5 must count as 0.8)
-    first = int(np.argmax(tps >= math.ceil(TPR_LEVEL * n_pos - 1e-9)))
-    auroc = np.sum(np.diff(fpr) * (tpr[1:] + tpr[:-1])) / 2           # the trapezoids under the ROC curve
-    return {"auroc": float(auroc), "auprc": float(np.sum(np.diff(tpr) * precision)),
-            "fpr80": float(fpr[first])}
-
-
+# ------------------------------------------------------------------------------------- checks of the file
+# (the metrics themselves: hvae_dist.estimators.detection, shared with the training's evaluation)
 def _check_complete(path: Path, name: str, data: dict[str, np.ndarray], attrs: dict[str, Any]) -> None:
     """Metrics of part of a dataset would look like a result: refuse empty groups, unfinished shards and
     one shard of several (its rows are complete, but they are a slice of the dataset the job scored)."""

@@ -13,7 +13,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from hvae_dist.analysis.metrics import METRICS, Analysis, run_analysis
+from hvae_dist.analysis.metrics import Analysis, run_analysis
+from hvae_dist.estimators.detection import METRICS
 from hvae_dist.files import require_folder, staged_folder, with_path, write_bytes_atomic, write_text_atomic
 
 REPORT_FILES = ("metrics.md", "metrics.csv", "metrics.json", "report.html")

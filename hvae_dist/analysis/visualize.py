@@ -63,7 +63,7 @@ def visualize_run(run_dir: str | Path, datasets: Sequence[str], out: str | Path 
     OUT/reconstructions.png (OUT defaults to RUN_DIR/visualize). Returns the PNG's path."""
     from hvae_dist.checkpoint import load_model_for_eval
     from hvae_dist.config import check_int_range
-    from hvae_dist.data import get_dataset, group_name, parse_dataset_spec
+    from hvae_dist.data import check_image_shape, get_dataset, group_name, parse_dataset_spec
     from hvae_dist.errors import ConfigError
 
     if examples < 1:
@@ -78,9 +78,7 @@ def visualize_run(run_dir: str | Path, datasets: Sequence[str], out: str | Path 
     for spec in datasets:
         name, split = parse_dataset_spec(spec)
         ds = get_dataset(name, split, data_root or cfg.data.root, False, examples)
-        if ds.shape != tuple(model.input_shape):
-            raise ConfigError(f"dataset {name}:{split} has images of shape {ds.shape} but the model takes "
-                              f"{tuple(model.input_shape)}")
+        check_image_shape(f"dataset {name}:{split}", ds.shape, model.input_shape, "the model takes")
         images[group_name(f"{name}:{split}")] = np.asarray(ds.images)
     grid = reconstruction_grid(model, images, cfg.data.binarize, seed, temperatures)
     target = Path(out) if out else Path(run_dir) / "visualize"

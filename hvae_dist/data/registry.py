@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import functools
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -362,3 +363,15 @@ def group_name(spec: str) -> str:
     if not sep or not name or not split or "/" in name or ":" in split:
         raise ConfigError(f"dataset {spec!r}: expected NAME:SPLIT, e.g. FashionMNIST:test")
     return f"{name}/{split}"
+
+
+def check_image_shape(what: str, shape: Sequence[int], expected: Sequence[int], expected_is: str,
+                      fix: str = "") -> None:
+    """ConfigError unless a dataset's images (C, H, W) have the `expected` shape: the one check of every
+    command that feeds a dataset to a model (training's validation sets, `hvae score`, `hvae visualize`).
+
+    The message reads "`what` has images of shape (C, H, W) but `expected_is` (C', H', W'); `fix`".
+    """
+    if tuple(shape) != tuple(expected):
+        raise ConfigError(f"{what} has images of shape {tuple(shape)} but {expected_is} {tuple(expected)}"
+                          + (f"; {fix}" if fix else ""))

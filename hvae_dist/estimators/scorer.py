@@ -11,8 +11,8 @@ For a batch of B examples and each bound (the ELBO is L>0: every layer sampled; 
 
 so memory is O(B * C) whatever S, and the value of every example depends only on (seed, dataset,
 index) through `hvae_dist.estimators.noise`, never on B, C or the shard. `sample_chunk="auto"` (the default)
-picks C per batch so that B * C is about `rows_per_pass(device)` rows: few on a CPU, where a pass that
-fits in cache is fastest, thousands on a GPU, which needs them to be busy. Runs under torch.inference_mode;
+picks C per batch so that B * C is about `rows_per_pass(device)` rows (`hvae_dist.estimators.rows`, the one
+policy of the scorer and the training's evaluation). Runs under torch.inference_mode;
 `precision="bf16"` autocasts the network to bfloat16 while log-densities and reductions stay fp32/fp64.
 """
 from __future__ import annotations
@@ -29,46 +29,10 @@ from hvae_dist.config import SCORE_PRECISIONS, check_int_range
 from hvae_dist.data import preprocess_batch
 from hvae_dist.errors import ConfigError
 from hvae_dist.estimators import noise as noise_mod
+from hvae_dist.estimators.rows import resolve_sample_chunk
 from hvae_dist.model import SAMPLE, HierarchicalVAE, lk_modes
 from hvae_dist.nn.precision import autocast_context
 from hvae_dist.objectives import StreamingLogMeanExp, bits_per_dim
-
-ROWS_PER_PASS = {"cpu": 64, "cuda": 4096}
-"""Rows (examples x samples) per forward pass for sample_chunk="auto", by device type (others: the CPU's).
-CPU: issue 11 measured 16 rows per pass (batch 16, chunk 1) 1.6x faster than 1,000-2,000 rows on 2 cores
-(fashionmnist preset); 64 keeps each activation (64 x 64 x 28 x 28 fp32: 13 MB) near the cache. GPU: a few
-thousand rows keep it busy with the paper's models while activations stay at a few GB."""
-BATCH_SIZE = {"cpu": 16, "cuda": 128}
-"""Examples per batch of `hvae score` by device type (its --batch-size default): with ROWS_PER_PASS, a
-chunk of 4 samples on a CPU and 32 on a GPU."""
-
-
-def _device_type(device: torch.device | str) -> str:
-    return torch.device(device).type
-
-
-def rows_per_pass(device: torch.device | str) -> int:
-    """The target rows (examples x samples) of one forward pass on `device` (see ROWS_PER_PASS)."""
-    return ROWS_PER_PASS.get(_device_type(device), ROWS_PER_PASS["cpu"])
-
-
-def default_batch_size(device: torch.device | str) -> int:
-    """Examples per batch that suit `device` (see BATCH_SIZE)."""
-    return BATCH_SIZE.get(_device_type(device), BATCH_SIZE["cpu"])
-
-
-def resolve_sample_chunk(sample_chunk: int | str, batch_size: int, device: torch.device | str,
-                         num_samples: int | None = None) -> int:
-    """Samples per example in one pass: an int as given; "auto": rows_per_pass(device) // batch_size (>= 1).
-
-    Capped at num_samples when given (a chunk never holds more samples than the bound has). The values of
-    the scores do not depend on it.
-    """
-    if sample_chunk == "auto":
-        chunk = max(1, rows_per_pass(device) // max(1, int(batch_size)))
-    else:
-        chunk = int(sample_chunk)
-    return min(chunk, int(num_samples)) if num_samples else chunk
 
 
 def default_ks(num_layers: int) -> list[int]:

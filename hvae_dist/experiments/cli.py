@@ -3,19 +3,17 @@
 Trains a model (the `tiny` preset by default; `--config biva-tiny` for BIVA) with the recipe of
 experiments/recipe.py (EMA weights) on FashionMNIST for a bounded time, scores FashionMNIST-test against
 MNIST-test and AnimalMNIST-test with importance-weighted ELBO and L>k for every k, merges, and prints the
-AUROC table. Each stage is the real CLI command (printed before it runs), so the demo is also a worked
-example.
+AUROC table. Each stage calls the function behind a CLI command (experiments/stages.py) and prints that
+command before it runs, so the demo is also a worked example.
 """
 from __future__ import annotations
 
 import argparse
-import shlex
 import time
 from pathlib import Path
 
-from hvae_dist.cli import main as hvae
 from hvae_dist.config import SCORE_PRECISIONS
-from hvae_dist.experiments.recipe import RECIPE, recipe_set_args
+from hvae_dist.experiments.recipe import RECIPE
 
 EXAMPLES = """examples:
   hvae demo                                   # about 10 min of training + scoring on a CPU -> runs/demo/
@@ -40,28 +38,22 @@ def add_demo_arguments(p: argparse.ArgumentParser) -> None:
                         f"{' '.join(RECIPE)}), e.g. --set train.ema_decay=0 (repeatable)")
 
 
-def _run(argv: list[str]) -> None:
-    print(f"\n$ hvae {shlex.join(argv)}", flush=True)
-    code = hvae(argv)
-    if code:
-        raise SystemExit(f"hvae {argv[0]} failed with exit code {code}")
-
-
 def run_demo(args: argparse.Namespace) -> int:
+    from hvae_dist.experiments import stages
+
     out = Path(args.out)
     run_dir, scores, report = out / "run", out / "scores", out / "report"
     t0 = time.monotonic()
-    train = ["train", "--config", args.config, "--run-dir", str(run_dir), "--precision", args.precision,
-             "--set", f"train.max_minutes={args.minutes}", *recipe_set_args(args.overrides)]
+    minutes = f"train.max_minutes={args.minutes}"
     if (run_dir / "config.json").exists():  # resume the same run; its config stays as it was
-        train = ["train", "--run-dir", str(run_dir), "--set", f"train.max_minutes={args.minutes}"]
-    _run(train)
+        stages.train(run_dir, None, [minutes])
+    else:
+        stages.train(run_dir, args.config, [minutes], args.overrides, precision=args.precision)
     t1 = time.monotonic()
-    _run(["score", "--run-dir", str(run_dir), "--datasets", *args.datasets, "--iw-samples", str(args.iw_samples),
-          "--out", str(scores), "--max-examples", str(args.max_examples)])
-    _run(["merge", str(scores)])
+    stages.score(run_dir, args.datasets, scores, args.iw_samples, args.max_examples)
+    stages.merge(scores)
     t2 = time.monotonic()
-    _run(["analyze", str(scores / "scores.h5"), "--in-dist", args.datasets[0], "--out", str(report)])
+    stages.analyze(scores / "scores.h5", args.datasets[0], report)
     print(f"\ndemo done: training {(t1 - t0) / 60:.1f} min, scoring {(t2 - t1) / 60:.1f} min. "
           f"Report: {report}/metrics.md, TensorBoard: tensorboard --logdir {run_dir / 'tb'}")
     print("The paper (Havtorn et al. 2021, FashionMNIST -> MNIST): AUROC of log p(x) well below 0.5, LLR>1 0.986.")

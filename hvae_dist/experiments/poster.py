@@ -17,13 +17,13 @@ from __future__ import annotations
 import csv
 import io
 import json
-import shlex
 import time
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
-from hvae_dist.cli import main as hvae
 from hvae_dist.errors import DatasetUnavailableError, HvaeError
-from hvae_dist.experiments.recipe import recipe_set_args
+from hvae_dist.experiments import stages
 
 IN_DISTS = ("FashionMNIST", "MNIST")
 # (trained on, paper's OOD name) -> (paper's k, paper's AUROC of LLR>k)
@@ -66,17 +66,17 @@ def resolvable(names: list[str], data_root: str | None) -> tuple[list[str], dict
     return ok, missing
 
 
-def _stage(folder: Path, argv: list[str]) -> None:
-    """Run one `hvae` command unless `folder/done` says it finished; mark it done after it succeeds."""
+def _stage(folder: Path, what: str, run: Callable[[], object]) -> None:
+    """Run one stage (`run`, a call of experiments/stages.py) unless `folder/done` says it finished; mark it
+    done after it succeeds."""
     marker = folder / "done"
     if marker.exists():
-        print(f"[done before] hvae {shlex.join(argv)}", flush=True)
+        print(f"[done before] {what}", flush=True)
         return
-    print(f"\n$ hvae {shlex.join(argv)}", flush=True)
-    code = hvae(argv)
-    if code:
-        raise HvaeError(f"hvae {argv[0]} failed with exit code {code}; re-run `hvae poster` with the same --out "
-                        "to continue where it stopped")
+    try:
+        run()
+    except HvaeError as e:
+        raise type(e)(f"{what}: {e}; re-run `hvae poster` with the same --out to continue where it stopped") from e
     folder.mkdir(parents=True, exist_ok=True)
     marker.write_text(time.strftime("%Y-%m-%dT%H:%M:%SZ\n", time.gmtime()))
 
@@ -89,24 +89,23 @@ def run_poster(out: str | Path, minutes: float = 30.0, config: str = "tiny", iw_
     for in_dist in IN_DISTS:
         base = out / in_dist
         run_dir, scores, analysis = base / "run", base / "scores", base / "analysis"
-        train = ["train", "--run-dir", str(run_dir), "--set", f"train.max_minutes={minutes}",
-                 "--set", "train.max_steps=10000000"]
-        if not (run_dir / "config.json").exists():
+        budget = [f"train.max_minutes={minutes}", "train.max_steps=10000000"]
+        if (run_dir / "config.json").exists():
+            train = partial(stages.train, run_dir, None, budget)
+        else:
             other = "FashionMNIST" if in_dist == "MNIST" else "MNIST"
             val = json.dumps([f"{in_dist}:validation", f"{other}:validation"])
-            train += ["--config", config, "--set", f"data.dataset={in_dist}", "--set", f"data.val_datasets={val}",
-                      *recipe_set_args(overrides)]
-        _stage(run_dir / "poster", train)
+            train = partial(stages.train, run_dir, config,
+                            [*budget, f"data.dataset={in_dist}", f"data.val_datasets={val}"], overrides)
+        _stage(run_dir / "poster", f"training {run_dir}", train)
         names, missing = resolvable(ood_candidates(in_dist), data_root)
         missing_all.update({(in_dist, n): why for n, why in missing.items()})
         specs = [f"{in_dist}:test"] + [f"{n}:validation" if n == f"{in_dist}-28x28" else f"{n}:test" for n in names]
-        score = ["score", "--run-dir", str(run_dir), "--datasets", *specs, "--iw-samples", str(iw_samples),
-                 "--out", str(scores), "--max-examples", str(max_examples)]
-        if data_root:
-            score += ["--data-root", data_root]
-        _stage(scores / "poster-score", score)
-        _stage(scores / "poster-merge", ["merge", str(scores)])
-        _stage(analysis, ["analyze", str(scores / "scores.h5"), "--in-dist", f"{in_dist}:test", "--out", str(analysis)])
+        _stage(scores / "poster-score", f"scoring {scores}",
+               partial(stages.score, run_dir, specs, scores, iw_samples, max_examples, data_root))
+        _stage(scores / "poster-merge", f"merging {scores}", partial(stages.merge, scores))
+        _stage(analysis, f"analyzing {scores / 'scores.h5'}",
+               partial(stages.analyze, scores / "scores.h5", f"{in_dist}:test", analysis))
         rows += _rows(in_dist, analysis / "metrics.json", missing)
     return _write_table(out, rows, minutes, iw_samples, max_examples)
 

@@ -13,6 +13,6 @@ from __future__ import annotations
 RECIPE: tuple[str, ...] = ("train.ema_decay=0.999",)
 
 
-def recipe_set_args(overrides: list[str] | None = None) -> list[str]:
-    """`hvae train` arguments for the recipe then the user's overrides: ["--set", KEY=VALUE, ...] (later wins)."""
-    return [arg for item in (*RECIPE, *(overrides or [])) for arg in ("--set", item)]
+def recipe_overrides(overrides: list[str] | None = None) -> list[str]:
+    """The recipe then the user's overrides, as `--set` items KEY=VALUE (later wins)."""
+    return [*RECIPE, *(overrides or [])]

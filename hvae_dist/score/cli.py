@@ -52,13 +52,30 @@ def _sample_chunk(value: str) -> int | str:
     return chunk
 
 
-def add_score_arguments(p: argparse.ArgumentParser) -> None:
-    p.epilog = SCORE_EXAMPLES
-    p.add_argument("--run-dir", required=True, help="training run dir (config.json, checkpoints/)")
-    p.add_argument("--checkpoint", default=None,
-                   help="checkpoint file; its model must match RUN_DIR/config.json (default: RUN_DIR/checkpoints/latest.pt)")
+SUBMIT_NOTE = """
+`hvae score`'s options are given directly, e.g. --precision bf16 --complexity (in pipeline: --score-precision,
+--score-batch-size); the --score-args string of earlier versions is gone."""
+"""The epilog note of `hvae submit score|pipeline` (kept here, beside the options it speaks of)."""
+
+
+def add_score_arguments(p, *, submit: str | None = None) -> None:
+    """The options of `hvae score`: the one definition of each flag, which `hvae submit score` and `hvae submit
+    pipeline` reuse (`submit` = "score" / "pipeline"; `p` a parser or an argument group). A submitted job
+    sets the shard per array task (`hvae submit`'s own --num-shards) and shows no progress bar, so those
+    options are left out there; in a pipeline the run dir is the training job's (no --run-dir /
+    --checkpoint), --out defaults to RUN_DIR/scores, and the options `hvae train` has too are named
+    --score-batch-size and --score-precision. `job_from_args` reads them back."""
+    pipeline = submit == "pipeline"
+    if submit is None:
+        p.epilog = SCORE_EXAMPLES
+    if not pipeline:
+        p.add_argument("--run-dir", required=True, help="training run dir (config.json, checkpoints/)")
+        p.add_argument("--checkpoint", default=None,
+                       help="checkpoint file; its model must match RUN_DIR/config.json (default: "
+                            "RUN_DIR/checkpoints/latest.pt)")
     p.add_argument("--datasets", nargs="+", required=True, metavar="NAME:SPLIT",
-                   help="datasets to score, e.g. FashionMNIST:test MNIST:test")
+                   help="datasets to score, e.g. FashionMNIST:test MNIST:test" + (
+                       " (in-distribution first: the default of --in-dist)" if submit else ""))
     p.add_argument("--data-root", default=None, metavar="DIR",
                    help="folder with torchvision's dataset files, e.g. for KMNIST and SVHN (default: the run's "
                         "data.root; else the offline copies)")
@@ -67,51 +84,64 @@ def add_score_arguments(p: argparse.ArgumentParser) -> None:
                    help="importance samples of each L>k bound (default: --iw-samples)")
     p.add_argument("--ks", nargs="+", default=None, metavar="K",
                    help="k of the L>k bounds, each in 0..L-1, or 'all'; stored in increasing order (default: all = 1..L-1)")
-    p.add_argument("--out", required=True, help="output folder for the shard files")
-    p.add_argument("--shard", type=int, default=None, help="this shard's index (default: from SLURM / torchrun, else 0)")
-    p.add_argument("--num-shards", type=int, default=None, help="number of shards (default: from SLURM / torchrun, else 1)")
+    p.add_argument("--out", required=not pipeline,
+                   help="output folder for the shard files" + (" and scores.h5 (default: RUN_DIR/scores)" if pipeline
+                                                               else " and scores.h5" if submit else ""))
+    if submit is None:
+        p.add_argument("--shard", type=int, default=None,
+                       help="this shard's index (default: from SLURM / torchrun, else 0)")
+        p.add_argument("--num-shards", type=int, default=None,
+                       help="number of shards (default: from SLURM / torchrun, else 1)")
     p.add_argument("--max-examples", type=int, default=None,
                    help="score only the first N examples of each dataset (default: all)")
-    p.add_argument("--batch-size", type=int, default=None,
-                   help="examples per batch; does not change the scores (default: 16 on a CPU, 128 on a GPU)")
+    p.add_argument("--score-batch-size" if pipeline else "--batch-size", dest="batch_size", type=int, default=None,
+                   metavar="B", help="examples per batch; does not change the scores (default: 16 on a CPU, 128 on a GPU, more "
+                        "when S is small: hvae_dist.estimators.rows)")
     p.add_argument("--sample-chunk", type=_sample_chunk, default="auto", metavar="auto|C",
                    help="samples per example per forward pass (rows per pass = batch x chunk); does not change the "
-                        "scores. auto: about 64 rows per pass on a CPU, 4096 on a GPU")
+                        "scores. auto: the rows per pass of hvae_dist.estimators.rows (default: auto)")
     p.add_argument("--seed", type=int, default=0, help="seed of the posterior noise and dynamic binarization, 0 .. 2^63-1")
     p.add_argument("--no-ema", action="store_true", help="score the raw weights even when the checkpoint has EMA weights")
-    p.add_argument("--precision", choices=SCORE_PRECISIONS, default="fp32",
+    p.add_argument("--score-precision" if pipeline else "--precision", dest="score_precision",
+                   choices=SCORE_PRECISIONS, default="fp32",
                    help="network precision (bf16: autocast; log-densities fp32, reductions fp64)")
     p.add_argument("--complexity", action="store_true",
                    help="also store complexity_png / complexity_zlib (compressed size, nats) per example")
     p.add_argument("--device", default="auto",
                    help="auto (cuda:LOCAL_RANK when available, else cpu), cpu, cuda or cuda:N (refused when not here)")
-    bar = p.add_mutually_exclusive_group()
-    bar.add_argument("--progress", dest="progress", action="store_true", default=None,
-                     help="show the progress bar even when stderr is not a terminal (default: bar on a terminal, "
-                          "else progress lines)")
-    bar.add_argument("--no-progress", dest="progress", action="store_false",
-                     help="never show the progress bar; log progress lines instead")
+    if submit is None:
+        bar = p.add_mutually_exclusive_group()
+        bar.add_argument("--progress", dest="progress", action="store_true", default=None,
+                         help="show the progress bar even when stderr is not a terminal (default: bar on a terminal, "
+                              "else progress lines)")
+        bar.add_argument("--no-progress", dest="progress", action="store_false",
+                         help="never show the progress bar; log progress lines instead")
     p.add_argument("--log-every", type=float, default=30.0, metavar="SECONDS",
                    help="seconds between progress lines (rows done / total, rows/s, ETA) when there is no bar")
 
 
-def run_score(args: argparse.Namespace) -> int:
+def job_from_args(args: argparse.Namespace, *, run_dir: str | None = None, out: str | None = None,
+                  shard: int = 0, num_shards: int = 1, progress: bool | None = None):
+    """The ScoreJob of the options of `add_score_arguments` (`run_dir` / `out`: instead of args.run_dir /
+    args.out, e.g. absolute paths for a SLURM job)."""
     from hvae_dist.estimators.scorer import ScoreSettings
+    from hvae_dist.score.runner import ScoreJob
+
+    settings = ScoreSettings(iw_samples=args.iw_samples, iw_samples_lk=args.iw_samples_lk, ks=_ks(args.ks),
+                             seed=args.seed, precision=args.score_precision, sample_chunk=args.sample_chunk)
+    return ScoreJob(run_dir=run_dir or args.run_dir, datasets=list(args.datasets), out=out or args.out,
+                    settings=settings, checkpoint=getattr(args, "checkpoint", None), shard=shard,
+                    num_shards=num_shards, max_examples=args.max_examples, batch_size=args.batch_size,
+                    use_ema=not args.no_ema, complexity=args.complexity, device=args.device, progress=progress,
+                    data_root=args.data_root, log_every=args.log_every)
+
+
+def run_score(args: argparse.Namespace) -> int:
     from hvae_dist.score.plan import resolve_shard
-    from hvae_dist.score.runner import ScoreJob, run_score_job
+    from hvae_dist.score.runner import run_job
 
     shard, num_shards = resolve_shard(args.shard, args.num_shards)
-    settings = ScoreSettings(iw_samples=args.iw_samples, iw_samples_lk=args.iw_samples_lk, ks=_ks(args.ks),
-                             seed=args.seed, precision=args.precision, sample_chunk=args.sample_chunk)
-    job = ScoreJob(run_dir=args.run_dir, datasets=list(args.datasets), out=args.out, settings=settings,
-                   checkpoint=args.checkpoint, shard=shard, num_shards=num_shards, max_examples=args.max_examples,
-                   batch_size=args.batch_size, use_ema=not args.no_ema, complexity=args.complexity,
-                   device=args.device, progress=args.progress, data_root=args.data_root, log_every=args.log_every)
-    # SLURM preemption / scancel / requeue send SIGTERM: it unwinds (hvae_dist.signals), so the shard's HDF5
-    # file is closed cleanly (rows are marked complete only after they are written; a re-run resumes there).
-    with stop_note("the shard file is closed; re-running the same command resumes it"):
-        path = run_score_job(job)
-    print(path)
+    print(run_job(job_from_args(args, shard=shard, num_shards=num_shards, progress=args.progress)))
     return 0
 
 

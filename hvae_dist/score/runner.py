@@ -19,16 +19,18 @@ import torch
 from hvae_dist import __version__
 from hvae_dist.checkpoint import load_model_for_eval
 from hvae_dist.config import check_int_range, config_differences, config_from_dict, describe_differences, load_json
-from hvae_dist.data import RootHint, dataset_shape, get_dataset, group_name, parse_dataset_spec
+from hvae_dist.data import RootHint, check_image_shape, dataset_shape, get_dataset, group_name, parse_dataset_spec
 from hvae_dist.distributed import resolve_device
 from hvae_dist.errors import CheckpointError, ConfigError
 from hvae_dist.estimators.complexity import METHODS as COMPLEXITY_METHODS
 from hvae_dist.estimators.complexity import compressed_size_nats
-from hvae_dist.estimators.scorer import IWScorer, ScoreSettings, default_batch_size
+from hvae_dist.estimators.rows import default_batch_size
+from hvae_dist.estimators.scorer import IWScorer, ScoreSettings
 from hvae_dist.files import require_folder
 from hvae_dist.score.layout import FORMAT_VERSION, file_sha256
 from hvae_dist.score.plan import ShardPlan
 from hvae_dist.score.writer import GroupSpec, ShardWriter, lock_shard
+from hvae_dist.signals import stop_note
 
 TRACE_ENV = "HVAE_SCORE_TRACE"
 
@@ -45,7 +47,7 @@ class ScoreJob:
     shard: int = 0
     num_shards: int = 1
     max_examples: int | None = None
-    batch_size: int | None = None     # None: default_batch_size(device)
+    batch_size: int | None = None     # None: default_batch_size(device, the fewest samples of a bound)
     use_ema: bool = True
     complexity: bool = False
     device: str = "auto"
@@ -63,6 +65,14 @@ def check_job(job: ScoreJob) -> None:
     for option, value in (("--max-examples", job.max_examples), ("--batch-size", job.batch_size)):
         if value is not None:
             check_int_range(option, value, 1)
+
+
+def run_job(job: ScoreJob) -> Path:
+    """`run_score_job` as `hvae score`, the SLURM score job and the experiments run it: a stop signal that
+    unwinds it (hvae_dist.signals, installed by the caller) says what it leaves: the shard file is closed
+    (rows are marked complete only after they are written) and a re-run resumes it. Returns the shard file."""
+    with stop_note("the shard file is closed; re-running the same command resumes it"):
+        return run_score_job(job)
 
 
 def _trace(rows_group: str, indices: np.ndarray) -> None:
@@ -135,7 +145,9 @@ def run_score_job(job: ScoreJob) -> Path:
     require_folder(job.run_dir, "--run-dir")
     require_folder(job.out, "--out")
     device = resolve_device(job.device)
-    batch_size = default_batch_size(device) if job.batch_size is None else job.batch_size
+    st = job.settings
+    samples = min(st.iw_samples, st.iw_samples if st.iw_samples_lk is None else st.iw_samples_lk)
+    batch_size = default_batch_size(device, samples) if job.batch_size is None else job.batch_size
     if batch_size < 1:
         raise ConfigError(f"--batch-size must be >= 1, got {batch_size}")
     model, cfg, ckpt_path = load_model_for_eval(job.run_dir, job.checkpoint, job.use_ema)
@@ -157,9 +169,8 @@ def run_score_job(job: ScoreJob) -> Path:
     for g in groups:
         name, split = g.split("/")
         shape = dataset_shape(name, split, root, False, hint)   # before any variant transforms a pixel
-        if shape != tuple(model.input_shape):
-            raise ConfigError(f"dataset {name}:{split} has images of shape {shape} but the model takes "
-                              f"{tuple(model.input_shape)}; score datasets of the training set's shape")
+        check_image_shape(f"dataset {name}:{split}", shape, model.input_shape, "the model takes",
+                          "score datasets of the training set's shape")
         data[g] = get_dataset(name, split, root, False, job.max_examples, hint)
     plan = ShardPlan(job.shard, job.num_shards, {g: len(data[g]) for g in groups})
     methods = list(COMPLEXITY_METHODS) if job.complexity else []

@@ -12,19 +12,20 @@ train: one job of nodes x tasks-per-node tasks; the tasks are the ranks of one D
 preemption and resumes from the run dir (see hvae_dist.submit.jobs). score: one array job, one task per
 shard, then a merge (+ analyze) job that starts when every shard succeeded (afterok). pipeline: train ->
 score array -> merge + analyze, submitted at once as dependent jobs. submit returns after sbatch.
+
+score and pipeline take every option of `hvae score` itself (one definition, hvae_dist.score.cli), e.g.
+--precision bf16 --complexity --data-root DIR, except the per-task --shard / progress options; in pipeline
+the two that `hvae train` has too are --score-batch-size and --score-precision (score.cli.SUBMIT_NOTE).
 """
 from __future__ import annotations
 
 import argparse
-import shlex
 import shutil
 import sys
+from dataclasses import replace
 from pathlib import Path
 
-from hvae_dist.config import check_int_range
 from hvae_dist.errors import ConfigError, SubmitError
-
-SCORE_EXTRA = {"--shard", "--num-shards", "--progress", "--no-progress"}
 
 
 # ----- arguments -----
@@ -69,27 +70,16 @@ def _add_train_job_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _add_score_arguments(p: argparse.ArgumentParser, pipeline: bool) -> None:
-    g = p.add_argument_group("scoring (arguments of `hvae score`)")
-    if not pipeline:
-        g.add_argument("--run-dir", required=True, help="training run dir")
-        g.add_argument("--checkpoint", default=None, help="checkpoint (default: RUN_DIR/checkpoints/latest.pt)")
-    g.add_argument("--datasets", nargs="+", required=True, metavar="NAME:SPLIT",
-                   help="datasets to score, in-distribution first, e.g. FashionMNIST:test MNIST:test")
-    g.add_argument("--iw-samples", type=int, default=1000, help="importance samples S")
-    g.add_argument("--ks", nargs="+", default=None, metavar="K", help="k of the L>k bounds (default: all)")
-    g.add_argument("--out", default=None, required=not pipeline,
-                   help="folder of the shard files and scores.h5" + (" (default: RUN_DIR/scores)" if pipeline else ""))
+    """`hvae score`'s own options (score.cli.add_score_arguments: one definition of each flag), and the
+    array's: how many shards, how many at once, and the merge + analyze job."""
+    from hvae_dist.score import cli as score_cli
+
+    g = p.add_argument_group("scoring (the options of `hvae score`; the shard is set per array task)")
+    score_cli.add_score_arguments(g, submit="pipeline" if pipeline else "score")
+    g = p.add_argument_group("score array, merge and analyze")
     g.add_argument("--num-shards", type=int, required=True, metavar="N", help="array tasks, one shard each")
     g.add_argument("--max-concurrent", type=int, default=None, metavar="K",
                    help="run at most K shards at once (default: all)")
-    g.add_argument("--max-examples", type=int, default=None,
-                   help="score only the first N examples of each dataset (default: all)")
-    g.add_argument("--score-batch-size" if pipeline else "--batch-size", dest="score_batch_size", type=int,
-                   default=None, metavar="B",
-                   help="examples per batch; does not change the scores (default: hvae score's, by device)")
-    g.add_argument("--seed", type=int, default=None, help="seed of the scoring noise (hvae score's default: 0)")
-    g.add_argument("--score-args", default="", metavar="'ARGS'",
-                   help="more `hvae score` options, one shell-quoted string, e.g. '--precision bf16 --complexity'")
     g.add_argument("--in-dist", default=None, metavar="NAME:SPLIT",
                    help="in-distribution set for `hvae analyze` (default: the first of --datasets)")
     g.add_argument("--analysis-out", default=None, metavar="DIR", help="analysis folder (default: OUT/analysis)")
@@ -108,7 +98,9 @@ def _examples(which: str | None = None) -> str:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.epilog = _examples()
+    from hvae_dist.score.cli import SUBMIT_NOTE
+
+    p.epilog = _examples() + SUBMIT_NOTE
     sub = p.add_subparsers(dest="what", metavar="JOB")
     sub.required = True
     t = sub.add_parser("train", help="a training job (one DDP / DeepSpeed world over all its tasks)",
@@ -116,11 +108,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     _add_train_job_arguments(t)
     _add_slurm_arguments(t, time_default=1440)
     s = sub.add_parser("score", help="a score array (one task per shard) and a dependent merge + analyze job",
-                       epilog=_examples("score"))
+                       epilog=_examples("score") + SUBMIT_NOTE)
     _add_score_arguments(s, pipeline=False)
     _add_slurm_arguments(s, time_default=240)
     pl = sub.add_parser("pipeline", help="train -> score array -> merge + analyze, as dependent jobs",
-                        epilog=_examples("pipeline"))
+                        epilog=_examples("pipeline") + SUBMIT_NOTE)
     _add_train_job_arguments(pl)
     _add_score_arguments(pl, pipeline=True)
     _add_slurm_arguments(pl, time_default=1440, what="train")
@@ -182,28 +174,25 @@ def _train_world(args: argparse.Namespace, prefix: str = "") -> tuple[int, int]:
 
 
 def resolve_train_config(args: argparse.Namespace, world_size: int) -> dict:
-    """The run's config as `hvae train` would resolve it, with the backend fitted to the world size."""
+    """The run's config as `hvae train` would resolve it, with the backend fitted to the world size, checked
+    against that world (`train.preflight`); the job checks the rest (data, DeepSpeed) when it starts."""
+    from hvae_dist.distributed import World
     from hvae_dist.train.cli import resolve_config
+    from hvae_dist.train.preflight import check_world, fit_backend_to_world
 
-    cfg = resolve_config(args).to_dict()
-    backend = cfg["train"]["backend"]
-    if world_size > 1 and backend == "single":
-        if args.backend == "single":
-            raise ConfigError(f"--backend single with {world_size} tasks: use --backend ddp or deepspeed")
-        cfg["train"]["backend"] = "ddp"
-    if cfg["train"]["batch_size"] % world_size:
-        raise ConfigError(f"train.batch_size={cfg['train']['batch_size']} must be divisible by the number of ranks "
-                          f"({world_size} = nodes x tasks-per-node)")
-    return cfg
+    cfg = fit_backend_to_world(resolve_config(args), world_size, args.backend)
+    check_world(cfg, World(world_size=world_size), " = nodes x tasks-per-node")
+    return cfg.to_dict()
 
 
-def submit_train(args: argparse.Namespace, out=sys.stdout):
-    """Submit the training job; returns the submitit Job (of task 0)."""
+def submit_train(args: argparse.Namespace, out=sys.stdout, cfg: dict | None = None):
+    """Submit the training job; returns the submitit Job (of task 0). `cfg`: the resolved config when the
+    caller has it (a pipeline resolves it once, before anything is queued)."""
     from hvae_dist.submit.jobs import TrainJob
 
     args.run_dir = str(Path(args.run_dir).resolve())
     nodes, tasks = _train_world(args)
-    cfg = resolve_train_config(args, nodes * tasks)
+    cfg = cfg if cfg is not None else resolve_train_config(args, nodes * tasks)
     ex = make_executor(args.logs or Path(args.run_dir) / "slurm", args, nodes=nodes, tasks_per_node=tasks,
                        job_name=f"hvae-train-{Path(args.run_dir).name}", dependency=_after(args.after))
     job = ex.submit(TrainJob(cfg, args.run_dir))
@@ -219,49 +208,28 @@ def submit_train(args: argparse.Namespace, out=sys.stdout):
 
 
 # ----- score -----
-def score_argv(args: argparse.Namespace, run_dir: str, out_dir: str) -> list[str]:
-    """`hvae score` arguments common to every shard (the shard index is added per task)."""
-    argv = ["--run-dir", run_dir, "--datasets", *args.datasets, "--iw-samples", str(args.iw_samples),
-            "--out", out_dir]
-    if getattr(args, "checkpoint", None):
-        argv += ["--checkpoint", str(Path(args.checkpoint).resolve())]
-    if args.ks:
-        argv += ["--ks", *args.ks]
-    for flag, value in (("--max-examples", args.max_examples), ("--batch-size", args.score_batch_size),
-                        ("--seed", args.seed)):
-        if value is not None:
-            argv += [flag, str(value)]
-    extra = shlex.split(args.score_args)
-    bad = [a for a in extra if a.split("=")[0] in SCORE_EXTRA]
-    if bad:
-        raise ConfigError(f"--score-args {args.score_args!r}: {', '.join(bad)} is set per array task; "
-                          "use --num-shards")
-    return argv + extra
-
-
-def submit_score(args: argparse.Namespace, run_dir: str, out_dir: str, after: str | None = None,
-                 prefix: str = "", in_dist_default: str | None = None, out=sys.stdout):
+def submit_scoring(args: argparse.Namespace, run_dir: str, out_dir: str, after: str | None = None,
+                   prefix: str = "", in_dist_default: str | None = None, out=sys.stdout):
     """Submit the score array and the merge (+ analyze) job; returns (shard jobs, merge job)."""
     from hvae_dist.submit.jobs import MergeAnalyze, ScoreShard
 
     n = args.num_shards
     if n < 1:
         raise ConfigError(f"--num-shards must be >= 1, got {n}")
-    # Before anything is queued: the bound check `hvae score` makes of the integers its shard files store.
-    for option, value, low in (("--iw-samples", args.iw_samples, 1), ("--seed", args.seed, 0),
-                               ("--max-examples", args.max_examples, 1), ("--num-shards", n, 1),
-                               ("--batch-size", args.score_batch_size, 1)):
-        if value is not None:
-            check_int_range(option, value, low)
     if args.max_concurrent is not None and args.max_concurrent < 1:
         raise ConfigError(f"--max-concurrent must be >= 1, got {args.max_concurrent}")
-    argv = score_argv(args, run_dir, out_dir)
+    from hvae_dist.score.cli import job_from_args
+    from hvae_dist.score.runner import check_job
+
+    checkpoint = str(Path(args.checkpoint).resolve()) if getattr(args, "checkpoint", None) else None
+    job = replace(job_from_args(args, run_dir=run_dir, out=out_dir, progress=False), checkpoint=checkpoint)
+    check_job(replace(job, num_shards=n))   # before anything is queued: `hvae score`'s checks of its options
     logs = Path(args.logs) if args.logs else Path(out_dir) / "slurm"
     name = Path(out_dir).name
     ex = make_executor(logs, args, prefix, job_name=f"hvae-score-{name}", dependency=_after(after, args.after),
                        array_parallelism=args.max_concurrent or n)
     with ex.batch():
-        shard_jobs = [ex.submit(ScoreShard(argv, i, n)) for i in range(n)]   # one array job
+        shard_jobs = [ex.submit(ScoreShard(job, i, n)) for i in range(n)]   # one array job
     array_id = shard_jobs[0].job_id.split("_")[0]
     in_dist = None if args.no_analyze else (args.in_dist or in_dist_default or args.datasets[0])
     analysis = str(Path(args.analysis_out).resolve()) if args.analysis_out else str(Path(out_dir) / "analysis")
@@ -290,10 +258,9 @@ def submit_pipeline(args: argparse.Namespace, out=sys.stdout):
     args.run_dir = str(Path(args.run_dir).resolve())
     out_dir = str(Path(args.out).resolve()) if args.out else str(Path(args.run_dir) / "scores")
     nodes, tasks = _train_world(args)
-    resolve_train_config(args, nodes * tasks)  # fail before anything is queued
-    train_job = submit_train(args, out)
-    cfg = resolve_train_config(args, nodes * tasks)
-    shard_jobs, merge_job = submit_score(args, args.run_dir, out_dir, after=train_job.job_id, prefix="score_",
+    cfg = resolve_train_config(args, nodes * tasks)  # once, and before anything is queued
+    train_job = submit_train(args, out, cfg)
+    shard_jobs, merge_job = submit_scoring(args, args.run_dir, out_dir, after=train_job.job_id, prefix="score_",
                                          in_dist_default=f"{cfg['data']['dataset']}:test", out=out)
     print(f"pipeline: train {train_job.job_id} -> score {shard_jobs[0].job_id.split('_')[0]} -> "
           f"merge {merge_job.job_id}; cancel all with: scancel {train_job.job_id} "
@@ -306,7 +273,7 @@ def run(args: argparse.Namespace) -> int:
         submit_train(args)
     elif args.what == "score":
         args.run_dir = str(Path(args.run_dir).resolve())
-        submit_score(args, args.run_dir, str(Path(args.out).resolve()))
+        submit_scoring(args, args.run_dir, str(Path(args.out).resolve()))
     else:
         submit_pipeline(args)
     return 0

@@ -1,8 +1,9 @@
 """The callables that `hvae submit` hands to submitit; they run inside the SLURM jobs.
 
 Each one is pickled by reference (module + class name), so a job imports this module from the same
-installed package. They are thin: the work is `hvae train`, `hvae score`, `hvae merge` and `hvae analyze`,
-called in-process.
+installed package. They are thin: they call the typed functions behind `hvae train` (train.runner.run_training),
+`hvae score` (score.runner.run_job), `hvae merge` (score.merge_shards) and `hvae analyze`
+(analysis.run_analysis + report) in-process, never the command line.
 
 Preemption and time-outs. submitit starts every task under `srun` and installs its handlers first:
 SIGUSR2 (sent `--signal-delay` seconds before the time limit, and by `scancel --signal=USR2`, which is how
@@ -28,21 +29,14 @@ import os
 import signal
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from submitit.helpers import Checkpointable
 
+from hvae_dist.score.runner import ScoreJob
+
 log = logging.getLogger("hvae_dist.slurm")
-
-
-def _hvae(argv: list[str]) -> None:
-    """Run one `hvae` subcommand in this process; raise on a non-zero status (submitit records the error)."""
-    from hvae_dist.cli import main
-
-    rc = main(list(argv))
-    if rc:
-        raise RuntimeError(f"hvae {' '.join(argv)} exited with status {rc}")
 
 
 class _StopSignals:
@@ -143,20 +137,22 @@ class TrainJob(Checkpointable):
 
 @dataclass
 class ScoreShard(Checkpointable):
-    """One array task: `hvae score ARGV --shard I --num-shards N`; a re-run resumes the shard's HDF5 file."""
+    """One array task: `score.runner.run_job` of `job` as shard `shard` of `num_shards`; a re-run resumes the
+    shard's HDF5 file."""
 
-    argv: list[str]
+    job: ScoreJob
     shard: int
     num_shards: int
 
     signal_grace_s: float = 30.0   # after a SIGTERM stop: how long to wait for submitit's USR2 (SLURM's KillWait)
 
     def __call__(self) -> str:
-        from hvae_dist.signals import StoppedBySignal
+        from hvae_dist.score.runner import run_job
+        from hvae_dist.signals import StoppedBySignal, raise_on_stop, restore
 
+        previous = raise_on_stop()   # SIGTERM unwinds the shard (hvae_dist.signals), as under `hvae score`
         try:
-            _hvae(["score", *self.argv, "--shard", str(self.shard), "--num-shards", str(self.num_shards),
-                   "--no-progress"])
+            run_job(replace(self.job, shard=self.shard, num_shards=self.num_shards, progress=False))
         except StoppedBySignal:
             # The shard file is closed. As for TrainJob: a SIGTERM precedes submitit's USR2 in a preemption, and
             # a USR2 that arrived while this process was already exiting would kill it instead of requeueing.
@@ -164,20 +160,33 @@ class ScoreShard(Checkpointable):
             # scancel ends the task within KillWait.
             time.sleep(self.signal_grace_s)
             raise
-        return self.argv[self.argv.index("--out") + 1]
+        finally:
+            restore(previous)
+        return self.job.out
 
 
 @dataclass
 class MergeAnalyze(Checkpointable):
-    """After every shard succeeded: `hvae merge OUT`, then `hvae analyze OUT/scores.h5` when in_dist is set."""
+    """After every shard succeeded: `merge_shards(out)`, then the analysis of OUT/scores.h5 (metrics, tables
+    and figures in analysis_out, the table printed to the job's log) when in_dist is set."""
 
     out: str
     in_dist: str | None = None
     analysis_out: str | None = None
 
     def __call__(self) -> dict:
-        _hvae(["merge", self.out])
-        scores = str(Path(self.out) / "scores.h5")
-        if self.in_dist:
-            _hvae(["analyze", scores, "--in-dist", self.in_dist, "--out", str(self.analysis_out)])
-        return {"scores": scores, "analysis": self.analysis_out if self.in_dist else None}
+        from hvae_dist.analysis import format_text, report, run_analysis
+        from hvae_dist.score import merge_shards
+        from hvae_dist.signals import raise_on_stop, restore
+
+        previous = raise_on_stop()   # a stop unwinds: the atomic writes leave the old files or the new ones
+        try:
+            scores = merge_shards(self.out)
+            print(scores, flush=True)
+            if self.in_dist:
+                result = run_analysis(scores, self.in_dist)
+                report(result, self.analysis_out)
+                print(format_text(result), flush=True)
+        finally:
+            restore(previous)
+        return {"scores": str(scores), "analysis": self.analysis_out if self.in_dist else None}

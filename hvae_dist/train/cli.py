@@ -12,17 +12,9 @@ from hvae_dist.config import (
     RESUMABLE_DATA_KEYS,
     Config,
     TrainConfig,
-    apply_overrides,
-    config_differences,
-    config_from_dict,
-    describe_differences,
-    fixed_on_resume,
-    load_json,
-    parse_override,
     preset_names,
     read_config_source,
 )
-from hvae_dist.errors import ConfigError
 from hvae_dist.signals import StoppedBySignal
 
 EPILOG = f"""\
@@ -94,53 +86,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                             "checkpoints all fail to load is refused)")
 
 
-def _read_saved_config(path: Path) -> dict:
-    try:
-        data = load_json(path.read_text(), str(path))
-    except (OSError, ConfigError) as e:
-        raise ConfigError(f"{path} cannot be read as a run config ({e}); restore it, or give the run's --config "
-                          "and --set again to rewrite it") from None
-    if not isinstance(data, dict) or not all(isinstance(data.get(k), dict) for k in ("model", "data", "train")):
-        raise ConfigError(f"{path} is not a run config (an object with model, data and train sections)")
-    return data
-
-
-def _resumable(item: str) -> bool:
-    """True for a --set that may change on resume: train.*, data.<RESUMABLE_DATA_KEYS>."""
-    (section, key), _ = parse_override(item)
-    return section == "train" or (section == "data" and key in RESUMABLE_DATA_KEYS)
-
-
 def resolve_config(args: argparse.Namespace) -> Config:
-    """The run's config: DIR/config.json when resuming (only train.* and data.RESUMABLE_DATA_KEYS may change),
-    else --config + overrides."""
+    """The run's config from the command line (`preflight.resolve_run_config`; --backend, --precision and
+    --max-steps are `--set train.KEY` items after the others)."""
+    from hvae_dist.train.preflight import resolve_run_config
+
     overrides = list(args.overrides)
     for flag, key in (("backend", "backend"), ("precision", "precision"), ("max_steps", "max_steps")):
         if getattr(args, flag) is not None:
             overrides.append(f"train.{key}={json.dumps(getattr(args, flag))}")
-    saved = Path(args.run_dir) / "config.json"
-    if saved.exists():
-        base = _read_saved_config(saved)
-        # The command that started a run must resume it (SLURM requeues re-run the same command line):
-        # --config and model.* / data.* overrides may be repeated, but must not change the stored values.
-        requested = config_from_dict(apply_overrides(read_config_source(args.config) if args.config else base,
-                                                     overrides)).to_dict()
-        # input_shape is filled in from the data when a run starts: a preset's null is not a change.
-        fixed, asked = fixed_on_resume(base), fixed_on_resume(requested)
-        fixed["model"].pop("input_shape", None)
-        asked["model"].pop("input_shape", None)
-        changed = config_differences(fixed, asked)
-        if changed:
-            given = f"--config {args.config} with --set" if args.config else "--set"
-            names = ", ".join(path for path, _, _ in changed[:6]) + (", ..." if len(changed) > 6 else "")
-            raise ConfigError(f"cannot change {names} when resuming {args.run_dir} ({given} differs from {saved}: "
-                              f"{describe_differences(changed, saved.name, 'requested', limit=3)}): only train.* and "
-                              f"data.{{{','.join(RESUMABLE_DATA_KEYS)}}} may change; resume with the run's own "
-                              "settings, or start a new --run-dir")
-        return config_from_dict(apply_overrides(base, [o for o in overrides if _resumable(o)]))
-    if args.config is None:
-        raise ConfigError(f"{args.run_dir} has no config.json: give --config PRESET|FILE to start a new run")
-    return config_from_dict(apply_overrides(read_config_source(args.config), overrides))
+    return resolve_run_config(args.run_dir, args.config, overrides)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -9,12 +9,14 @@ reduction order), and a resumed run is bitwise identical to an uninterrupted one
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
 import os
 import signal
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -24,7 +26,6 @@ import torch
 from hvae_dist import rng
 from hvae_dist.checkpoint import (
     LATEST,
-    SCHEMA_VERSION,
     atomic_write,
     checkpoint_dir,
     checkpoint_files,
@@ -35,16 +36,18 @@ from hvae_dist.checkpoint import (
     set_aside,
     step_of,
 )
-from hvae_dist.config import RESUMABLE_DATA_KEYS, Config, config_differences, describe_differences, fixed_on_resume
+from hvae_dist.config import Config
 from hvae_dist.data import get_dataset, parse_dataset_spec, perturb, preprocess_batch
-from hvae_dist.distributed import World, all_reduce_mean
-from hvae_dist.errors import CheckpointError, ConfigError, DatasetUnavailableError, TrainingDivergedError
+from hvae_dist.distributed import World
+from hvae_dist.errors import TrainingDivergedError
 from hvae_dist.model import HierarchicalVAE, build_model
 from hvae_dist.objectives import bits_per_dim, elbo_loss, free_nats_at, kl_warmup_beta, lr_at
 from hvae_dist.signals import StoppedBySignal
 from hvae_dist.train.backends import Backend, make_backend
 from hvae_dist.train.ema import EMA
+from hvae_dist.train.evaluate import Evaluation, evaluate
 from hvae_dist.train.monitor import Monitor
+from hvae_dist.train.preflight import RunPlan, check_resume, check_run
 
 log = logging.getLogger("hvae_dist.train")
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)   # see hvae_dist.signals: finish the step, save
@@ -72,47 +75,55 @@ class Counters:
     images_seen: int = 0
 
 
+class UpdateStats(Mapping):
+    """The stats of one update: 0-d tensors on the training device (loss, elbo, log_px, bpd, grad_norm,
+    skipped, kl/layerI) and host floats (beta, free_nats, lr). Reading a value reads the device (a float);
+    the training loop never does that per update, it reads them all at once (`Trainer.read_updates`)."""
+
+    def __init__(self, step: int, on_device: dict[str, torch.Tensor], on_host: dict[str, float]):
+        self.step, self.on_device, self.on_host = step, on_device, on_host
+
+    def __getitem__(self, key: str) -> float:
+        return float(self.on_device[key]) if key in self.on_device else self.on_host[key]
+
+    def __iter__(self):
+        return iter([*self.on_device, *self.on_host])
+
+    def __len__(self) -> int:
+        return len(self.on_device) + len(self.on_host)
+
+
 class Trainer:
     """Owns a run dir: builds data, model and backend, trains, checkpoints, resumes."""
 
     def __init__(self, cfg: Config, run_dir: str | Path, world: World, device: torch.device,
-                 monitor: Monitor | None = None):
+                 monitor: Monitor | None = None, plan: RunPlan | None = None):
         self.cfg, self.world, self.device = cfg, world, device
         self.run_dir = Path(run_dir)
         t = cfg.train
-        if world.distributed and t.backend == "single":
-            raise ConfigError(f"train.backend='single' but WORLD_SIZE={world.world_size}: use --backend ddp or deepspeed")
-        if t.batch_size % world.world_size:
-            raise ConfigError(f"train.batch_size={t.batch_size} must be divisible by the number of ranks ({world.world_size})")
-        if t.batch_size % (world.world_size * t.accumulation_steps):
-            raise ConfigError(f"train.batch_size={t.batch_size} must be divisible by the number of ranks ({world.world_size}) "
-                              f"x train.accumulation_steps={t.accumulation_steps}: every rank splits its rows into "
-                              "accumulation_steps equal micro-batches")
+        self.plan = plan if plan is not None else check_run(cfg, world)   # the run's one validation
         self.local_batch = t.batch_size // world.world_size
         name, split = parse_dataset_spec(f"{cfg.data.dataset}:train")
         self.train_set = get_dataset(name, split, cfg.data.root, cfg.data.download, cfg.data.max_train_examples)
-        if len(self.train_set) < t.batch_size:
-            raise ConfigError(f"train.batch_size={t.batch_size} is larger than the training set ({len(self.train_set)} examples)")
         self.images = torch.from_numpy(np.array(self.train_set.images))  # writable copy  # N, C, H, W uint8
         if cfg.model.input_shape is None:
-            cfg.model = replace(cfg.model, input_shape=list(self.train_set.shape))
-        elif list(cfg.model.input_shape) != list(self.train_set.shape):
-            raise ConfigError(f"model.input_shape={cfg.model.input_shape} but {name} images are {list(self.train_set.shape)}")
-        if t.eval_every:
-            self._check_val_datasets()
+            cfg.model = replace(cfg.model, input_shape=list(self.plan.input_shape))
         torch.manual_seed(t.seed)  # parameter init is identical on every rank
         model = build_model(cfg.model)
-        self.backend: Backend = make_backend(model, t, world, device)
+        self.backend: Backend = make_backend(model, t, world, device, self.plan.deepspeed_config)
         self.model: HierarchicalVAE = self.backend.raw_model  # type: ignore[assignment]
         self.ema = EMA(self.model, t.ema_decay) if t.ema_decay > 0 else None
         self.batches_per_epoch = len(self.train_set) // t.batch_size  # the last partial batch is dropped
         self.step, self.epoch, self.batch_in_epoch = 0, 0, 0
-        self.counters = Counters()
+        self._counters = Counters()         # as of the last read_updates(); `counters` reads first
+        self._pending: list[UpdateStats] = []      # updates whose stats are still on the device
         self.monitor = monitor
         self._stop_requested = False
         self.stop_signal: int | None = None   # the first stop signal this process got
         self._perm: tuple[int, torch.Tensor] | None = None
         self._nan_steps = _nan_steps_from_env()
+        # The stop flag's all-reduce runs on the host, away from the device's stream (NCCL would sync it).
+        self._host_group = torch.distributed.new_group(backend="gloo") if world.distributed else None
         if t.lr_schedule == "cosine" and t.max_minutes is not None and world.is_main:
             log.warning("train.lr_schedule='cosine' decays over train.max_steps=%d steps; train.max_minutes=%g may stop "
                         "the run before the lr has decayed (a resume continues along the same schedule)",
@@ -128,39 +139,19 @@ class Trainer:
         return {"step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
                 "model": self.backend.model_state_dict(), "ema": self.ema.state_dict() if self.ema else None,
                 **self.backend.state_dict(), "rng": rngs,
-                "counters": {"skipped_total": self.counters.skipped_total,
-                             "skipped_in_row": self.counters.skipped_in_row,
-                             "images_seen": self.counters.images_seen},
+                "counters": dataclasses.asdict(self.counters),
                 "config": self.cfg.to_dict()}
 
     def load_state_dict(self, state: dict) -> None:
-        saved_optimizer = state.get("config", {}).get("train", {}).get("optimizer", "adam")
-        if saved_optimizer != self.cfg.train.optimizer:
-            raise ConfigError(f"train.optimizer={self.cfg.train.optimizer!r}, but the checkpoint of {self.run_dir} holds "
-                              f"{saved_optimizer!r} optimizer state, which does not fit it; resume with --set "
-                              f"train.optimizer={saved_optimizer}, or start over with --restart or a new --run-dir")
-        if state.get("schema_version") != SCHEMA_VERSION:
-            raise CheckpointError(
-                f"the checkpoint of {self.run_dir} has schema_version {state.get('schema_version')}: it was written "
-                f"before this version of hvae-dist drew its training noise and data order from counter-based keys "
-                f"(schema {SCHEMA_VERSION}), so resuming it would change the run's data and noise mid-run; finish it "
-                "with the version that started it, or start over with --restart or a new --run-dir (its weights "
-                "still load for hvae score)")
-        # Against the checkpoint's own config, not config.json: an edited or missing config.json must not let
-        # a FashionMNIST model resume on MNIST.
-        changed = config_differences(fixed_on_resume(state["config"]), fixed_on_resume(self.cfg.to_dict()))
-        if changed:
-            raise ConfigError(f"the checkpoint in {self.run_dir} was made with another model or data config "
-                              f"({describe_differences(changed, 'checkpoint', 'this run')}); only train.* and "
-                              f"data.{{{','.join(RESUMABLE_DATA_KEYS)}}} may change on resume: use the run's own "
-                              "config, or start a new --run-dir")
+        check_resume(state, self.cfg, self.run_dir)
         self.model.load_state_dict(state["model"])
         if self.ema is not None and state.get("ema") is not None:
             self.ema.load_state_dict(state["ema"])
         self.backend.load_state_dict(state)
         self.step, self.epoch, self.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
         c = state["counters"]
-        self.counters = Counters(c["skipped_total"], c["skipped_in_row"], c["images_seen"])
+        self._pending = []
+        self._counters = Counters(c["skipped_total"], c["skipped_in_row"], c["images_seen"])
         rngs = state["rng"]
         rng = rngs[self.world.rank] if self.world.rank < len(rngs) else rngs[0]
         torch.set_rng_state(rng["torch"])
@@ -168,6 +159,7 @@ class Trainer:
             torch.cuda.set_rng_state(rng["cuda"])
 
     def save(self) -> Path | None:
+        self._write_updates()   # reads the pending updates: TrainingDivergedError before anything is written
         if self.monitor is not None:
             self.monitor.flush()  # events up to this step are on disk before the checkpoint a resume starts from
         state = self.state_dict()  # collective in DDP: every rank takes part
@@ -227,27 +219,6 @@ class Trainer:
             folder = set_aside(paths, self.run_dir)
             log.warning("%s: moved %s to %s (nothing is deleted)", why, ", ".join(p.name for p in paths), folder)
 
-    def _check_val_datasets(self) -> None:
-        """Every data.val_datasets entry names a dataset that loads here, with the training images' shape.
-
-        Checked when the run starts: a bad entry found at the first evaluation would stop a run after its
-        training. data.val_datasets may change on resume, so the message says how to fix it. (An empty list
-        with evaluation on is refused by config validation.)
-        """
-        d = self.cfg.data
-        fix = ("fix it with --set 'data.val_datasets=[\"NAME:SPLIT\", ...]' (may change on resume) or turn "
-               "evaluation off with --set train.eval_every=0")
-        for spec in d.val_datasets:
-            try:
-                name, split = parse_dataset_spec(spec)
-                shape = get_dataset(name, split, d.root, d.download, 1).shape
-            except (ConfigError, DatasetUnavailableError) as e:
-                why = " ".join(line.strip() for line in str(e).splitlines() if line.strip())   # one line
-                raise type(e)(f"config key 'data.val_datasets': {spec!r}: {why}; {fix}") from None
-            if list(shape) != list(self.train_set.shape):
-                raise ConfigError(f"config key 'data.val_datasets': {spec!r} has images of shape {list(shape)} but the "
-                                  f"model is trained on {d.dataset} images of shape {list(self.train_set.shape)}; {fix}")
-
     # ----- data and noise -----
     def _permutation(self, epoch: int) -> torch.Tensor:
         if self._perm is None or self._perm[0] != epoch:
@@ -298,9 +269,11 @@ class Trainer:
         return lr_at(step, t.lr, warmup_steps=t.lr_warmup_steps, schedule=t.lr_schedule, max_steps=t.max_steps,
                      lr_min=t.lr_min)
 
-    def train_step(self) -> dict:
+    def train_step(self) -> UpdateStats:
         """One optimizer update of train.accumulation_steps micro-batches (this rank's rows in order, split
-        evenly); returns a dict of float stats of the whole update (logging happens outside)."""
+        evenly). Nothing is read back from the device: the skip decision, the EMA and the stats stay there.
+        Returns the update's stats (`UpdateStats`: floats on access, which reads the device), and queues
+        them for `read_updates`, which the loop calls on logging steps and before checkpoints."""
         t = self.cfg.train
         beta = kl_warmup_beta(self.step, t.kl_warmup_steps)
         fn = free_nats_at(self.step, t.free_nats, t.free_nats_steps, t.free_nats_cooldown_steps)
@@ -320,31 +293,70 @@ class Trainer:
                 self.backend.backward(total)
             totals.append(total.detach())
             parts.append((loss.elbo, loss.log_px, loss.kl))   # detached
-        result = self.backend.step()
-        if result.skipped:
-            self.counters.skipped_total += 1
-            self.counters.skipped_in_row += 1
-            if self.counters.skipped_in_row >= t.max_skipped:
-                raise TrainingDivergedError(
-                    f"{self.counters.skipped_in_row} updates in a row were skipped at step {self.step} (grad norm "
-                    f"{result.grad_norm}); lower train.lr, set train.grad_clip, or raise train.max_skipped")
-            log.warning("step %d: skipped update (grad norm %s)", self.step, result.grad_norm)
-        else:
-            self.counters.skipped_in_row = 0
-            if self.ema is not None:
-                self.ema.update(self.model)
-        self.counters.images_seen += t.batch_size
+        grad_norm, skipped = self.backend.step().as_tensors(self.device)
+        if self.ema is not None:
+            self.ema.update(self.model, skipped=skipped)       # a skipped update leaves the average as it was
+        self._counters.images_seen += t.batch_size
         num_dims = math.prod(self.model.input_shape)
         # This rank's update: the micro-batches' mean loss, and per-example means over all of its rows.
         elbo, log_px, kl = (torch.cat(column) for column in zip(*parts))
-        stats = {"loss": float(torch.stack(totals).mean()), "elbo": float(elbo.mean()), "log_px": float(log_px.mean()),
-                 "bpd": float(bits_per_dim(-elbo.mean(), num_dims)), "grad_norm": result.grad_norm,
-                 "skipped": float(result.skipped), "skipped_total": float(self.counters.skipped_total),
-                 "beta": beta, "free_nats": fn, "lr": self.backend.lr}
-        for i, kl_i in enumerate(kl.mean(0).tolist()):
-            stats[f"kl/layer{i + 1}"] = kl_i
+        on_device = {"loss": torch.stack(totals).mean(), "elbo": elbo.mean(), "log_px": log_px.mean(),
+                     "bpd": bits_per_dim(-elbo.mean(), num_dims), "grad_norm": grad_norm, "skipped": skipped}
+        on_device |= {f"kl/layer{i + 1}": kl_i for i, kl_i in enumerate(kl.mean(0).unbind())}
+        stats = UpdateStats(self.step, on_device, {"beta": beta, "free_nats": fn, "lr": self.backend.lr})
+        self._pending.append(stats)
         self._advance()
         return stats
+
+    def read_updates(self) -> list[tuple[int, dict[str, float]]]:
+        """Read the stats of every update since the last read from the device, in one transfer, and account
+        for them in order: the skip counters, a warning per skipped update, and TrainingDivergedError at the
+        first update that made train.max_skipped skips in a row. Returns (step after the update, its stats
+        with `skipped_total`) per update, oldest first.
+
+        The loop reads on logging steps (train.log_every), before every checkpoint and at the end, so a
+        run that reaches max_skipped stops at the next of these, up to log_every - 1 updates after the
+        update the error names; no checkpoint is written after that update.
+        """
+        pending, self._pending = self._pending, []
+        if not pending:
+            return []
+        t, c = self.cfg.train, self._counters
+        values = torch.stack([torch.stack([v.reshape(()).double() for v in u.on_device.values()])
+                              for u in pending]).tolist()                  # one host read: updates x stats
+        out = []
+        for u, row in zip(pending, values):
+            stats = dict(zip(u.on_device, row)) | u.on_host
+            if stats["skipped"]:
+                c.skipped_total += 1
+                c.skipped_in_row += 1
+                if c.skipped_in_row >= t.max_skipped:
+                    self._pending = []
+                    raise TrainingDivergedError(
+                        f"{c.skipped_in_row} updates in a row were skipped at step {u.step} (grad norm "
+                        f"{stats['grad_norm']}); lower train.lr, set train.grad_clip, or raise train.max_skipped")
+                log.warning("step %d: skipped update (grad norm %s)", u.step, stats["grad_norm"])
+            else:
+                c.skipped_in_row = 0
+            stats["skipped_total"] = float(c.skipped_total)
+            out.append((u.step + 1, stats))
+        return out
+
+    def _write_updates(self, images_per_s: float | None = None) -> None:
+        """`read_updates`, and hand them to the monitor; `images_per_s` (this interval's) goes with the last."""
+        updates = self.read_updates()
+        if updates and images_per_s is not None:
+            updates[-1][1].update(images_per_s_total=images_per_s,
+                                  images_per_s_per_rank=images_per_s / self.world.world_size)
+        if self.monitor is not None:
+            for step, stats in updates:
+                self.monitor.on_update(step, stats)
+
+    @property
+    def counters(self) -> Counters:
+        """The run's counters up to the last update (reads the updates not yet read, see `read_updates`)."""
+        self._write_updates()
+        return self._counters
 
     # ----- signals -----
     def request_stop(self, signum: int | None = None, _frame=None) -> None:
@@ -363,9 +375,13 @@ class Trainer:
             signal.signal(sig, self.request_stop)
 
     def stop_requested(self) -> bool:
-        """True on every rank as soon as any rank got a stop signal."""
-        flag = torch.tensor([1.0 if self._stop_requested else 0.0], device=self.device)
-        return bool(all_reduce_mean(flag, self.world).item() > 0)
+        """True on every rank as soon as any rank got a stop signal. The flag is a host value: in a distributed
+        run it is all-reduced over a gloo group of CPU tensors (`_host_group`), so no rank waits for its device."""
+        if not self.world.distributed:
+            return self._stop_requested
+        flag = torch.tensor([1 if self._stop_requested else 0], dtype=torch.int32)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX, group=self._host_group)
+        return bool(flag.item())
 
     # ----- the loop -----
     def fit(self, max_steps: int | None = None) -> dict:
@@ -373,7 +389,9 @@ class Trainer:
 
         Returns {"step", "reason"} with reason in finished | time | signal | already done (the run was at or
         past max_steps: nothing trained, nothing written); when stopped by a signal, also "signal": the number of
-        the first stop signal this process got (None when another rank got it).
+        the first stop signal this process got (None when another rank got it). The updates' stats stay on
+        the device until a logging step (train.log_every), a checkpoint or the end, where `read_updates` reads
+        them all at once and the monitor writes them.
         """
         t = self.cfg.train
         max_steps = max_steps if max_steps is not None else t.max_steps
@@ -390,15 +408,15 @@ class Trainer:
         if self.monitor is not None:
             self.monitor.start(self.step, max_steps)
         while self.step < max_steps:
-            stats = self.train_step()
+            self.train_step()
             if self.monitor is not None:
+                self.monitor.advance()
+            if self.step % t.log_every == 0:
                 now = time.perf_counter()
-                stats["images_per_s_total"] = (self.step - last_step) * t.batch_size / max(now - last_t, 1e-9)
-                stats["images_per_s_per_rank"] = stats["images_per_s_total"] / self.world.world_size
+                self._write_updates(images_per_s=(self.step - last_step) * t.batch_size / max(now - last_t, 1e-9))
                 last_t, last_step = now, self.step
-                self.monitor.on_step(self.step, stats)
-                if t.eval_every and self.step % t.eval_every == 0:
-                    self.validate()
+            if self.monitor is not None and t.eval_every and self.step % t.eval_every == 0:
+                self.validate()
             if self.step % t.checkpoint_every == 0 and self.step < max_steps:
                 self.save()
             if self.stop_requested():
@@ -417,15 +435,23 @@ class Trainer:
             return {"step": self.step, "reason": reason, "signal": self.stop_signal}
         return {"step": self.step, "reason": reason}
 
-    def validate(self) -> None:
-        """Validation scalars and image grids to the monitor (rank 0), with the EMA weights when kept."""
-        if self.monitor is None or not self.monitor.is_main:
-            return
+    def validate(self) -> Evaluation | None:
+        """Evaluate the model (the EMA weights when kept) on rank 0 (`train.evaluate.evaluate`) and hand the
+        result to the monitor when there is one; returns it (None on the other ranks). The training batch
+        of the current step is the input of the reconstruction grid."""
+        if not self.world.is_main:
+            return None
         model = self.ema.model if self.ema is not None else self.model
         x, _ = self.next_batch()
+        if self.monitor is not None:
+            self.monitor.evaluation_started(self.step, self.cfg)
+        start = time.perf_counter()
         # Under the training precision: DeepSpeed bf16 holds the module's weights in bf16 themselves.
         with self.backend.autocast():
-            self.monitor.evaluate(self.step, model, self.cfg, x)
+            result = evaluate(model, self.cfg, self.device, x)
+        if self.monitor is not None:
+            self.monitor.write_evaluation(self.step, result, time.perf_counter() - start)
+        return result
 
     def write_config(self) -> None:
         if self.world.is_main:

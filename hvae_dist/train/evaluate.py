@@ -1,36 +1,45 @@
-"""Validation during training: IW ELBO and L>1 on the validation sets, LLR>1 AUROC, active units.
+"""The evaluator of a training run: it computes, and returns, everything a validation shows; the monitor
+(train/monitor.py) only writes what it returns.
 
-The bounds come from the scorer of `hvae score` (same deterministic noise), on the first
-`train.eval_examples` examples of each set with `train.eval_iw_samples` samples, in batches of 128
-examples whose samples are streamed so that at most ROWS_PER_PASS[device] rows (examples x samples) go
-through one forward pass: memory stays flat in the number of samples, and the values do not depend on
-the batch or the chunk.
+`evaluate` gives an `Evaluation`:
+  * scalars: per validation set the IW ELBO, bits/dim and LLR>k for every k; the AUROCs of -ELBO and of
+    LLR>k of each OOD set against the first set; the active units per latent layer of the first set;
+  * images: prior samples, reconstructions of a training batch, and the `hvae visualize` grid (L>k decodes
+    and prior samples) of the first examples of every validation set.
+
+The bounds come from the scorer of `hvae score` (same deterministic noise, `hvae_dist.estimators`), on the
+first `train.eval_examples` examples of each set with `train.eval_iw_samples` samples, in batches whose
+samples are streamed under the one rows-per-pass policy of `hvae_dist.estimators.rows` (the same as
+`hvae score`'s): memory stays flat in the number of samples, and the values do not depend on the batch or
+the chunk. The AUROC is `hvae_dist.estimators.detection.auroc`, the one `hvae analyze` uses.
 """
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 from hvae_dist.config import Config
 from hvae_dist.data import get_dataset, group_name, parse_dataset_spec
+from hvae_dist.estimators.detection import auroc
+from hvae_dist.estimators.reconstructions import reconstruction_grid
+from hvae_dist.estimators.rows import default_batch_size, resolve_sample_chunk
 from hvae_dist.estimators.scorer import IWScorer, ScoreSettings
 from hvae_dist.model import HierarchicalVAE
 from hvae_dist.objectives import bits_per_dim
 
-ROWS_PER_PASS = {"cpu": 1024, "cuda": 8192}
-"""Rows per forward pass of an evaluation, by device type (others: the CPU's). It was 128 x eval_iw_samples:
-the fashionmnist preset's 12,800 rows took 15 GB. Measured for that model on 2 busy cores (2 x 128 examples,
-10 samples): 64 rows per pass (batch 16, the scorer's CPU default) 184 s, 128 rows 130 s, 512 rows 112 s,
-1,280 rows 94 s, so the CPU budget is large enough to stay fast and bounds the memory at about 2 GB."""
-BATCH_SIZE = 128
+GRID_EXAMPLES = 4
+"""Examples of each validation set in the `visualize/reconstructions` grid."""
 
 
-def sample_chunk_for(batch_size: int, iw_samples: int, device: torch.device) -> int:
-    """Samples per example in one pass: batch_size x chunk <= ROWS_PER_PASS of the device (at least 1)."""
-    rows = ROWS_PER_PASS.get(torch.device(device).type, ROWS_PER_PASS["cpu"])
-    return max(1, min(iw_samples, rows // max(1, batch_size)))
+@dataclass
+class Evaluation:
+    """What one validation computed: TensorBoard scalars ("val/...") and images (tag -> (C, H, W) in [0, 1])."""
+
+    scalars: dict[str, float] = field(default_factory=dict)
+    images: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 def active_units(posterior_means: list[torch.Tensor], threshold: float = 0.01) -> list[int]:
@@ -38,27 +47,32 @@ def active_units(posterior_means: list[torch.Tensor], threshold: float = 0.01) -
     return [int((m.double().var(0) > threshold).sum()) for m in posterior_means]
 
 
-def auroc(neg: np.ndarray, pos: np.ndarray) -> float:
-    from sklearn.metrics import roc_auc_score
-    y = np.r_[np.zeros(len(neg)), np.ones(len(pos))]
-    return float(roc_auc_score(y, np.r_[neg, pos]))
+def evaluate(model: HierarchicalVAE, cfg: Config, device: torch.device, batch: torch.Tensor | None = None, *,
+             batch_size: int | None = None, sample_chunk: int | None = None) -> Evaluation:
+    """The validation of `model` (in eval mode; its training mode is restored): `validation_scalars`, and
+    the image grids (`batch`: model input (B, C, H, W) for the reconstructions; None: no images).
+
+    `batch_size` (default: `estimators.rows.default_batch_size` of the device) and `sample_chunk`
+    (default: the rows-per-pass policy) change memory and speed, not the values.
+    """
+    scalars = validation_scalars(model, cfg, device, batch_size=batch_size, sample_chunk=sample_chunk)
+    images = image_grids(model, cfg, device, batch) if batch is not None else {}
+    return Evaluation(scalars, images)
 
 
 @torch.inference_mode()
-def evaluate(model: HierarchicalVAE, cfg: Config, device: torch.device, batch_size: int = BATCH_SIZE,
-             sample_chunk: int | None = None) -> dict:
-    """Scalars for TensorBoard: per validation set ELBO / bpd / LLR>k for every k, and the AUROCs of -ELBO and of
-    LLR>k for every k of each OOD set against the first set, on equal-size subsamples (the first n rows of
-    both, n the smaller size: an AUROC does not depend on the class balance, but its noise does).
-
-    `batch_size` and `sample_chunk` (default: sample_chunk_for the device) change memory and speed, not the
-    values.
+def validation_scalars(model: HierarchicalVAE, cfg: Config, device: torch.device, *, batch_size: int | None = None,
+                       sample_chunk: int | None = None) -> dict[str, float]:
+    """Per validation set ELBO / bpd / LLR>k for every k, and the AUROCs of -ELBO and of LLR>k for every k of
+    each OOD set against the first set, on equal-size subsamples (the first n rows of both, n the smaller
+    size: an AUROC does not depend on the class balance, but its noise does); active units of the first set.
     """
-    sample_chunk = sample_chunk or sample_chunk_for(batch_size, cfg.train.eval_iw_samples, device)
     t = cfg.train
+    batch_size = batch_size or default_batch_size(device, t.eval_iw_samples)
+    sample_chunk = sample_chunk or resolve_sample_chunk("auto", batch_size, device, t.eval_iw_samples)
     ks = list(range(1, model.num_layers))
     num_dims = math.prod(model.input_shape)
-    results: dict = {}
+    results: dict[str, float] = {}
     per_set: dict = {}
     was_training = model.training
     model.eval()
@@ -103,3 +117,28 @@ def evaluate(model: HierarchicalVAE, cfg: Config, device: torch.device, batch_si
             results[f"val/auroc/{tag}/llr{k}"] = auroc(in_dist[f"llr{k}"][:n], per_set[spec][f"llr{k}"][:n])
     model.train(was_training)
     return results
+
+
+@torch.no_grad()
+def image_grids(model: HierarchicalVAE, cfg: Config, device: torch.device, batch: torch.Tensor) -> dict[str, torch.Tensor]:
+    """TensorBoard images (CPU float, (C, H, W)): `samples/prior` (64 prior samples, seeded with train.seed),
+    `samples/reconstructions` (the first 32 rows of `batch`, model input, beside their reconstructions) and
+    `visualize/reconstructions` (the `hvae visualize` grid of the first GRID_EXAMPLES of every validation set)."""
+    from torchvision.utils import make_grid
+
+    was_training = model.training
+    model.eval()
+    g = torch.Generator(device=device).manual_seed(cfg.train.seed)
+    samples = model.sample_prior(64, device=device, generator=g)
+    x = batch[:32]
+    recon = model.reconstruct(x)
+    pairs = torch.stack([x.float(), recon.float()], dim=1).flatten(0, 1)
+    images = {}
+    for spec in cfg.data.val_datasets:
+        name, split = parse_dataset_spec(spec)
+        images[group_name(f"{name}:{split}")] = get_dataset(name, split, cfg.data.root, False, GRID_EXAMPLES).images
+    grid = reconstruction_grid(model, images, cfg.data.binarize, cfg.train.seed, device=device)
+    model.train(was_training)
+    return {"samples/prior": make_grid(samples.float().cpu(), nrow=8),
+            "samples/reconstructions": make_grid(pairs.cpu(), nrow=8),
+            "visualize/reconstructions": grid.image}

@@ -1,16 +1,17 @@
-"""What a run shows: TensorBoard scalars and image grids, a log file, and a progress bar (rank 0 only)."""
+"""What a run shows: TensorBoard scalars and image grids, a log file, and a progress bar (rank 0 only).
+
+The monitor writes; it computes nothing. The trainer hands it the stats of the updates (read from the
+device on logging steps) and the `Evaluation` that `train.evaluate.evaluate` returned."""
 from __future__ import annotations
 
 import logging
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 from hvae_dist.config import Config
-from hvae_dist.model import HierarchicalVAE
-from hvae_dist.train.evaluate import evaluate
+from hvae_dist.train.evaluate import Evaluation
 
 log = logging.getLogger("hvae_dist.train")
 
@@ -54,8 +55,8 @@ def setup_logging(run_dir: Path, is_main: bool) -> None:
 class Monitor:
     """Rank 0 writes TensorBoard (run_dir/tb), the log lines and the progress bar; other ranks do nothing.
 
-    The trainer passes what each call needs (step, stats, the model to validate); the monitor never
-    sees the trainer itself.
+    The trainer passes what each call needs (step, stats, an evaluation); the monitor never sees the
+    trainer or the model.
     """
 
     def __init__(self, run_dir: Path, is_main: bool, log_every: int, device: torch.device,
@@ -85,63 +86,46 @@ class Monitor:
         import resource
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
-    def on_step(self, step: int, stats: dict) -> None:
-        """After update `step`: progress bar, TensorBoard scalars every log_every steps (and on skips), log line."""
-        if not self.is_main:
-            return
+    def advance(self) -> None:
+        """One more update done: the progress bar moves (no values: those arrive on logging steps)."""
         if self.bar is not None:
             self.bar.update(1)
-            self.bar.set_postfix(loss=f"{stats['loss']:.1f}", bpd=f"{stats['bpd']:.3f}", refresh=False)
-        if step % self.log_every == 0 or stats["skipped"]:
+
+    def on_update(self, step: int, stats: dict[str, float]) -> None:
+        """The stats of update `step` (read from the device by the trainer on logging steps): TensorBoard
+        scalars every log_every steps and on skipped updates, the log line and the bar's values every
+        log_every steps."""
+        if not self.is_main:
+            return
+        logging_step = step % self.log_every == 0
+        if logging_step or stats["skipped"]:
             for key, value in stats.items():
                 self.writer.add_scalar(f"train/{key}", value, step)
             self.writer.add_scalar("perf/peak_memory_mb", self._memory_mb(), step)
-        if step % self.log_every == 0:
+        if logging_step:
+            if self.bar is not None:
+                self.bar.set_postfix(loss=f"{stats['loss']:.1f}", bpd=f"{stats['bpd']:.3f}", refresh=False)
             log.info("step %d loss %.3f elbo %.3f bpd %.4f grad_norm %.2f skipped %d img/s %.0f", step, stats["loss"],
-                     stats["elbo"], stats["bpd"], stats["grad_norm"], stats["skipped_total"], stats["images_per_s_total"])
+                     stats["elbo"], stats["bpd"], stats["grad_norm"], stats["skipped_total"],
+                     stats.get("images_per_s_total", float("nan")))
 
-    def evaluate(self, step: int, model: HierarchicalVAE, cfg: Config, batch: torch.Tensor) -> None:
-        """Validation scalars of `model` and image grids (prior samples; reconstructions of `batch`, model input)."""
+    def evaluation_started(self, step: int, cfg: Config) -> None:
+        """Logged, not only sent to TensorBoard: without a terminal (SLURM logs) train.log shows the evaluation."""
+        if self.is_main:
+            log.info("step %d: evaluating %s (%d examples each, %d importance samples)", step,
+                     ", ".join(cfg.data.val_datasets), cfg.train.eval_examples, cfg.train.eval_iw_samples)
+
+    def write_evaluation(self, step: int, evaluation: Evaluation, seconds: float) -> None:
+        """The evaluator's scalars and images at `step`, to the log and TensorBoard."""
         if not self.is_main:
             return
-        t = cfg.train
-        # Logged, not only sent to TensorBoard: without a terminal (SLURM logs) train.log shows the evaluation.
-        log.info("step %d: evaluating %s (%d examples each, %d importance samples)", step,
-                 ", ".join(cfg.data.val_datasets), t.eval_examples, t.eval_iw_samples)
-        start = time.perf_counter()
-        results = evaluate(model, cfg, self.device)
-        log.info("step %d: validation (%.1f s): %s", step, time.perf_counter() - start,
-                 "  ".join(f"{key.removeprefix('val/')} {value:.4g}" for key, value in results.items()))
-        for key, value in results.items():
+        log.info("step %d: validation (%.1f s): %s", step, seconds,
+                 "  ".join(f"{key.removeprefix('val/')} {value:.4g}" for key, value in evaluation.scalars.items()))
+        for key, value in evaluation.scalars.items():
             self.writer.add_scalar(key, value, step)
-        self.write_images(step, model, cfg.train.seed, batch)
-        self.write_layer_grid(step, model, cfg)
+        for tag, image in evaluation.images.items():
+            self.writer.add_image(tag, image, step)
         self.writer.flush()
-
-    @torch.no_grad()
-    def write_images(self, step: int, model: HierarchicalVAE, seed: int, batch: torch.Tensor) -> None:
-        from torchvision.utils import make_grid
-        g = torch.Generator(device=self.device).manual_seed(seed)
-        samples = model.sample_prior(64, device=self.device, generator=g)
-        self.writer.add_image("samples/prior", make_grid(samples.float().cpu(), nrow=8), step)
-        x = batch[:32]
-        recon = model.reconstruct(x)
-        pairs = torch.stack([x.float(), recon.float()], dim=1).flatten(0, 1)
-        self.writer.add_image("samples/reconstructions", make_grid(pairs.cpu(), nrow=8), step)
-
-    @torch.no_grad()
-    def write_layer_grid(self, step: int, model: HierarchicalVAE, cfg: Config, examples: int = 4) -> None:
-        """The `hvae visualize` grid (the L>k decodes and prior samples) of the first examples of every
-        validation set, as the TensorBoard image `visualize/reconstructions`."""
-        from hvae_dist.data import get_dataset, group_name, parse_dataset_spec
-        from hvae_dist.estimators.reconstructions import reconstruction_grid
-
-        images = {}
-        for spec in cfg.data.val_datasets:
-            name, split = parse_dataset_spec(spec)
-            images[group_name(f"{name}:{split}")] = get_dataset(name, split, cfg.data.root, False, examples).images
-        grid = reconstruction_grid(model, images, cfg.data.binarize, cfg.train.seed, device=self.device)
-        self.writer.add_image("visualize/reconstructions", grid.image, step)
 
     def flush(self) -> None:
         """Write queued events to disk (before each checkpoint, so that a resume loses none of its steps)."""

@@ -1,6 +1,7 @@
-"""One training process: join the world from the environment, lock the run dir, build the trainer and its
-monitor, train (or resume) the run dir, leave the world. `hvae train` and the SLURM training job both call
-`run_training`."""
+"""One training process: check the run (`preflight.check_run`), join the world from the environment, lock
+the run dir, build the trainer and its monitor, train (or resume) the run dir, leave the world. `hvae train`,
+`hvae demo`, `hvae poster` and the SLURM training job all call `run_training` (with the Config of
+`preflight.resolve_run_config`)."""
 from __future__ import annotations
 
 import logging
@@ -17,6 +18,7 @@ from hvae_dist.errors import LockedError
 from hvae_dist.locking import FileLock
 from hvae_dist.train.engine import Trainer
 from hvae_dist.train.monitor import Monitor, setup_logging
+from hvae_dist.train.preflight import check_run
 
 log = logging.getLogger("hvae_dist.train")
 LOCK_NAME = ".lock"
@@ -44,13 +46,6 @@ def lock_run_dir(run_dir: Path, world: World) -> FileLock | None:
     return lock
 
 
-def check_backend_config(cfg: Config, world: World) -> None:
-    """Settings the backend would refuse only after its set-up (DeepSpeed: ~45 s), checked before it."""
-    if cfg.train.backend == "deepspeed":
-        from hvae_dist.train.backends.deepspeed import deepspeed_config
-        deepspeed_config(cfg.train, world)   # reads train.deepspeed_config; ConfigError for ZeRO-3, ...
-
-
 def run_training(cfg: Config, run_dir: str | Path, progress: bool | None = None, *,
                  on_trainer: Callable[[Any], None] | None = None, exit_process: bool = True,
                  checkpoint: str | Path | None = None, restart: bool = False) -> dict:
@@ -63,7 +58,7 @@ def run_training(cfg: Config, run_dir: str | Path, progress: bool | None = None,
     Rank 0 holds the run dir's lock (RUN/.lock) from before the first write until training ends.
     """
     world = detect_world()
-    check_backend_config(cfg, world)
+    plan = check_run(cfg, world)   # every refusal before the process group, the lock or DeepSpeed's set-up
     if cfg.train.backend == "deepspeed":
         from hvae_dist.train.backends.deepspeed import prepare_deepspeed_env
         prepare_deepspeed_env(world)
@@ -77,7 +72,7 @@ def run_training(cfg: Config, run_dir: str | Path, progress: bool | None = None,
             # Oversubscribing the cores with one intra-op pool per rank is slower than splitting them.
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // world.world_size))
         monitor = Monitor(run_dir, world.is_main, cfg.train.log_every, device, progress)
-        trainer = Trainer(cfg, run_dir, world, device, monitor)
+        trainer = Trainer(cfg, run_dir, world, device, monitor, plan)
         resumed = trainer.maybe_resume(checkpoint, restart)
         if trainer.step < cfg.train.max_steps:   # else fit() stops at once, and nothing in the run dir changes
             trainer.write_config()

@@ -19,7 +19,7 @@ from helpers.score import REPO, fill_disk, make_run_dir, score_args, small_confi
 from hvae_dist.cli import HelpFormatter, build_parser
 from hvae_dist.cli import main as hvae
 from hvae_dist.errors import ScoreFileError
-from hvae_dist.estimators.scorer import resolve_sample_chunk
+from hvae_dist.estimators.rows import resolve_sample_chunk
 from hvae_dist.locking import FileLock
 from hvae_dist.score.layout import FORMAT_VERSION
 from hvae_dist.score.merge import merge_shards
@@ -318,12 +318,16 @@ def test_progress_log_writes_a_line_every_interval_and_at_the_end():
     assert lines[-1] == "hvae score: shard 0 of 1: done, 900/1000 rows in 1m30s, 10.00 rows/s"
 
 
-def test_sample_chunk_auto_is_small_on_a_cpu_large_on_a_gpu_and_an_int_overrides_it():
-    assert resolve_sample_chunk("auto", 16, "cpu") == 4                      # 64 rows per pass
-    assert resolve_sample_chunk("auto", 128, "cuda") == 32                   # 4096 rows per pass
-    assert resolve_sample_chunk("auto", 500, "cpu") == 1                     # at least one sample
+def test_sample_chunk_auto_follows_the_rows_per_pass_policy_and_an_int_overrides_it():
+    from hvae_dist.estimators.rows import ROWS_PER_PASS, default_batch_size
+
+    assert resolve_sample_chunk("auto", 16, "cpu") == ROWS_PER_PASS["cpu"] // 16         # 512 rows per pass
+    assert resolve_sample_chunk("auto", 128, "cuda") == ROWS_PER_PASS["cuda"] // 128     # 4096 rows per pass
+    assert resolve_sample_chunk("auto", 5000, "cpu") == 1                     # at least one sample
     assert resolve_sample_chunk("auto", 1, "cpu", num_samples=10) == 10      # never more than S
     assert resolve_sample_chunk(7, 16, "cuda") == 7
+    assert default_batch_size("cpu", 1000) == 16 and default_batch_size("cuda", 1000) == 128
+    assert default_batch_size("cpu", 10) * 10 >= ROWS_PER_PASS["cpu"]       # few samples: more examples per pass
     args = build_parser("score").parse_args(score_args("r", "o"))
     assert args.sample_chunk == "auto" and args.batch_size is None
     assert build_parser("score").parse_args(score_args("r", "o", "--sample-chunk", "3")).sample_chunk == 3

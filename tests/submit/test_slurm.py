@@ -195,23 +195,47 @@ def _parse(*argv: str) -> argparse.Namespace:
     return build_parser("submit").parse_args(["submit", *argv])
 
 
-def test_submit_score_passes_score_arguments_to_every_shard():
-    from hvae_dist.submit.cli import score_argv
+def test_submit_score_takes_the_score_commands_own_options_and_hands_every_shard_its_job():
+    """One definition of each flag: `hvae submit score` parses `hvae score`'s options into the same ScoreJob."""
+    from hvae_dist.cli import build_parser
+    from hvae_dist.score.cli import job_from_args
 
-    args = _parse("score", "--run-dir", "r", "--datasets", "FashionMNIST:test", "MNIST:test", "--iw-samples", "5",
-                  "--ks", "1", "2", "--out", "o", "--num-shards", "3", "--batch-size", "7", "--seed", "3",
-                  "--score-args", "--precision bf16")
-    assert score_argv(args, "/r", "/o") == ["--run-dir", "/r", "--datasets", "FashionMNIST:test", "MNIST:test",
-                                            "--iw-samples", "5", "--out", "/o", "--ks", "1", "2", "--batch-size", "7",
-                                            "--seed", "3", "--precision", "bf16"]
-    bad = _parse("score", "--run-dir", "r", "--datasets", "MNIST:test", "--out", "o", "--num-shards", "3",
-                 "--score-args", "--shard 1")
-    with pytest.raises(ConfigError, match=r"--score-args '--shard 1': --shard is set per array task"):
-        score_argv(bad, "/r", "/o")
+    common = ["--datasets", "FashionMNIST:test", "MNIST:test", "--iw-samples", "5", "--ks", "1", "2", "--batch-size",
+              "7", "--seed", "3", "--precision", "bf16", "--complexity", "--data-root", "d", "--sample-chunk", "2"]
+    args = _parse("score", "--run-dir", "r", "--out", "o", "--num-shards", "3", *common)
+    direct = build_parser("score").parse_args(["score", "--run-dir", "r", "--out", "o", *common])
+    assert job_from_args(args) == job_from_args(direct)
+    assert job_from_args(args).settings.precision == "bf16" and job_from_args(args).batch_size == 7
+    pipeline = _parse("pipeline", "--config", "tiny", "--run-dir", "r", "--num-shards", "2", "--precision", "bf16",
+                      "--score-precision", "fp32", "--score-batch-size", "9", "--datasets", "MNIST:test")
+    assert pipeline.precision == "bf16" and pipeline.score_precision == "fp32" and pipeline.batch_size == 9
+    for per_task in (["--shard", "1"], ["--no-progress"], ["--score-args", "--precision bf16"]):
+        with pytest.raises(SystemExit):     # set per array task, or gone (the --score-args string)
+            _parse("score", "--run-dir", "r", "--out", "o", "--num-shards", "3", *common, *per_task)
+
+
+def test_score_shard_and_merge_jobs_call_the_functions_and_equal_the_commands(tmp_path):
+    """The submitit callables run in-process without SLURM: two ScoreShard tasks and MergeAnalyze give the
+    scores.h5 and metrics of `hvae score` + `hvae merge` + `hvae analyze` on the same run."""
+    from helpers.score import make_run_dir
+    from hvae_dist.cli import main
+    from hvae_dist.score.cli import job_from_args
+    from hvae_dist.submit.jobs import MergeAnalyze, ScoreShard
+
+    run = make_run_dir(tmp_path / "run")
+    options = ["--run-dir", str(run), "--datasets", "FashionMNIST:test", "MNIST:test", "--iw-samples", "3",
+               "--max-examples", "5"]
+    assert main(["score", *options, "--out", str(tmp_path / "cli"), "--no-progress"]) == 0
+    assert main(["merge", str(tmp_path / "cli")]) == 0
+    job = job_from_args(_parse("score", *options, "--out", str(tmp_path / "jobs"), "--num-shards", "2"))
+    assert [ScoreShard(job, i, 2)() for i in range(2)] == [str(tmp_path / "jobs")] * 2
+    result = MergeAnalyze(str(tmp_path / "jobs"), "FashionMNIST:test", str(tmp_path / "analysis"))()
+    assert result["scores"] == str(tmp_path / "jobs" / "scores.h5")
+    assert_same_scores(tmp_path / "cli" / "scores.h5", tmp_path / "jobs" / "scores.h5")
+    assert (tmp_path / "analysis" / "metrics.json").exists()
 
 
 def test_submit_train_uses_ddp_for_several_tasks_and_checks_batch_split(tmp_path, small_config):
-    from hvae_dist.errors import ConfigError
     from hvae_dist.submit.cli import resolve_train_config
 
     args = _parse("train", "--config", small_config, "--run-dir", str(tmp_path / "r"), "--nodes", "2",

@@ -23,7 +23,7 @@ from hvae_dist.config import TrainConfig, load_config
 from hvae_dist.distributed import World
 from hvae_dist.errors import ConfigError
 from hvae_dist.model import build_model
-from hvae_dist.train.backends.deepspeed import DeepSpeedBackend, _plain, deepspeed_config
+from hvae_dist.train.backends.deepspeed import _plain, deepspeed_config
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -140,10 +140,11 @@ def test_unusable_user_deepspeed_json_raises_a_config_error_naming_the_file(tmp_
 # ----- refused settings -----
 
 def test_skip_threshold_with_deepspeed_raises_config_error_before_deepspeed_starts():
-    model = build_model(load_config("tiny").model, (1, 28, 28))
-    cfg = TrainConfig(backend="deepspeed", skip_threshold=100.0)
+    from hvae_dist.train.preflight import check_run
+
+    cfg = load_config("tiny", ["train.backend=deepspeed", "train.skip_threshold=100.0"])
     with pytest.raises(ConfigError, match="skip_threshold.*engine.step"):
-        DeepSpeedBackend(model, cfg, World(), torch.device("cpu"))
+        check_run(cfg, World())
     assert not torch.distributed.is_initialized()
 
 

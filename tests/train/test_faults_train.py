@@ -269,7 +269,7 @@ def test_zero_3_in_a_deepspeed_json_is_refused_before_deepspeed_is_set_up(tmp_pa
 @pytest.mark.parametrize("spec, fragment", [
     ("MNIST:valid", "unknown split 'valid'"),
     ("KMNIST:test", "not available on this machine"),
-    ("Digits:test", "has images of shape [1, 8, 8]"),
+    ("Digits:test", "has images of shape (1, 8, 8)"),
 ])
 def test_a_bad_validation_set_is_refused_before_training(tmp_path, capsys, spec, fragment):
     # Before: found at the first evaluation, after the training it was meant to follow.
@@ -304,8 +304,9 @@ def _small_model(**settings):
 
 def test_evaluation_bounds_the_rows_per_pass(monkeypatch):
     """Before: sample_chunk = eval_iw_samples, so a pass held batch x S rows (the fashionmnist preset: 128 x 100 =
-    12,800 rows, 15 GB). Now at most ROWS_PER_PASS of the device, whatever S."""
-    from hvae_dist.train.evaluate import ROWS_PER_PASS, evaluate, sample_chunk_for
+    12,800 rows, 15 GB). Now at most the one rows-per-pass policy's rows of the device, whatever S."""
+    from hvae_dist.estimators.rows import ROWS_PER_PASS, default_batch_size
+    from hvae_dist.train.evaluate import validation_scalars
     model, cfg = _small_model(train__eval_examples=64, train__eval_iw_samples=100)
     rows: list[int] = []
     forward = model.forward
@@ -316,17 +317,16 @@ def test_evaluation_bounds_the_rows_per_pass(monkeypatch):
         return out
 
     monkeypatch.setattr(model, "forward", counting)
-    evaluate(model, cfg, torch.device("cpu"), batch_size=64)
-    assert rows and max(rows) <= ROWS_PER_PASS["cpu"] < 64 * 100
-    assert sample_chunk_for(128, 100, torch.device("cpu")) == ROWS_PER_PASS["cpu"] // 128
-    assert sample_chunk_for(128, 4, torch.device("cpu")) == 4 and sample_chunk_for(4096, 100, torch.device("cpu")) == 1
+    validation_scalars(model, cfg, torch.device("cpu"))
+    cpu_batch = default_batch_size("cpu")
+    assert rows and max(rows) <= max(ROWS_PER_PASS["cpu"], cpu_batch) < cpu_batch * 100
 
 
 def test_evaluation_values_do_not_depend_on_the_rows_per_pass():
-    from hvae_dist.train.evaluate import evaluate
+    from hvae_dist.train.evaluate import validation_scalars
     model, cfg = _small_model(train__eval_examples=12, train__eval_iw_samples=6)
-    one_pass = evaluate(model, cfg, torch.device("cpu"), batch_size=4, sample_chunk=6)   # the old chunk: all 6 samples
-    chunked = evaluate(model, cfg, torch.device("cpu"), batch_size=4, sample_chunk=2)    # 2 samples per pass
+    one_pass = validation_scalars(model, cfg, torch.device("cpu"), batch_size=4, sample_chunk=6)   # all 6 samples
+    chunked = validation_scalars(model, cfg, torch.device("cpu"), batch_size=4, sample_chunk=2)    # 2 per pass
     assert one_pass.keys() == chunked.keys()
     for key in one_pass:
         assert chunked[key] == pytest.approx(one_pass[key], rel=1e-6, abs=1e-6), key

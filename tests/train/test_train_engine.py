@@ -9,6 +9,7 @@ import math
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from helpers import train as th
 from hvae_dist.distributed import World
@@ -67,6 +68,57 @@ def test_too_many_skipped_updates_in_a_row_raise_training_diverged_error(tmp_pat
     with pytest.raises(TrainingDivergedError,
                        match=r"3 updates in a row were skipped at step 2 .*train\.max_skipped"):
         trainer.fit(10)
+
+
+class _HostReads(TorchDispatchMode):
+    """Counts the reads of tensor values back to the host (`.item()`, `float(t)`, `bool(t)`, `if t:`): each is
+    one aten._local_scalar_dense (a device sync on a GPU)."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._local_scalar_dense.default:
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("ema_decay", [0.0, 0.9])
+def test_the_training_step_reads_nothing_back_from_the_device(tmp_path, ema_decay):
+    """The skip decision, the EMA and the stats stay on the device (the engine read 7 values per step before)."""
+    trainer = _trainer(tmp_path, train__ema_decay=ema_decay)
+    trainer.train_step()
+    with _HostReads() as reads:
+        for _ in range(3):
+            trainer.train_step()
+    assert reads.count == 0
+    assert [step for step, _ in trainer.read_updates()] == [1, 2, 3, 4]      # all read back at once, in order
+
+
+def test_stats_are_read_on_logging_steps_and_before_checkpoints_and_skips_still_stop_the_run(tmp_path, monkeypatch):
+    monkeypatch.setenv(NAN_STEP_ENV, "1,3,4,5")
+    trainer = _trainer(tmp_path, monitor=True, train__log_every=4, train__checkpoint_every=6, train__max_skipped=3)
+    reads, read = [], Trainer.read_updates
+    monkeypatch.setattr(Trainer, "read_updates", lambda self: reads.append(self.step) or read(self))
+    with pytest.raises(TrainingDivergedError, match=r"3 updates in a row were skipped at step 5 "):
+        trainer.fit(20)
+    assert reads == [4, 6]          # the logging step 4, then the checkpoint at step 6 (the third skip in a row)
+    assert not list((tmp_path / "checkpoints").glob("*.pt"))   # refused before the checkpoint was written
+    # TensorBoard has every skipped update, read late: steps 2 (update 1) and 4 (update 3).
+    assert [s for s, _ in th.tb_values(tmp_path, "train/skipped")] == [2, 4]
+
+
+def test_validate_without_a_monitor_returns_the_evaluation(tmp_path):
+    trainer = _trainer(tmp_path, train__eval_every=2, train__eval_examples=8, train__eval_iw_samples=2)
+    trainer.train_step()
+    result = trainer.validate()
+    assert result.scalars.keys() >= {"val/FashionMNIST_validation/elbo", "val/auroc/MNIST_validation/llr1",
+                                     "val/active_units/layer1"}
+    assert all(math.isfinite(v) for v in result.scalars.values())
+    assert all(0 <= result.scalars[f"val/auroc/MNIST_validation/{s}"] <= 1 for s in ("neg_elbo", "llr1", "llr2"))
+    assert set(result.images) == {"samples/prior", "samples/reconstructions", "visualize/reconstructions"}
+    assert not (tmp_path / "tb").exists()      # nothing written: there is no monitor
 
 
 def test_skipped_updates_that_are_not_in_a_row_do_not_stop_the_run(tmp_path, monkeypatch):

@@ -13,9 +13,14 @@ from hvae_dist.train.backends.base import Backend, StepResult
 __all__ = ["Backend", "StepResult", "make_backend"]
 
 
-def make_backend(model: nn.Module, cfg: TrainConfig, world: World, device: torch.device) -> Backend:
+def make_backend(model: nn.Module, cfg: TrainConfig, world: World, device: torch.device,
+                 deepspeed_config: dict | None = None) -> Backend:
+    """The backend of train.backend; `deepspeed_config`: the run's (`train.preflight.RunPlan`), for deepspeed."""
     if cfg.backend == "deepspeed":
         from hvae_dist.train.backends.deepspeed import DeepSpeedBackend
-        return DeepSpeedBackend(model, cfg, world, device)
+        if deepspeed_config is None:
+            raise ValueError("make_backend: train.backend='deepspeed' needs the run's deepspeed_config "
+                             "(hvae_dist.train.preflight.check_run builds it)")
+        return DeepSpeedBackend(model, cfg, world, device, deepspeed_config)
     from hvae_dist.train.backends.ddp import TorchBackend
     return TorchBackend(model, cfg, world, device)

@@ -42,6 +42,12 @@ class StepResult:
         """The update was not applied."""
         return bool(self._skipped)
 
+    def as_tensors(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(grad_norm 0-d float32, skipped 0-d bool) on `device`, without reading device values on the host."""
+        grad_norm = torch.as_tensor(self._grad_norm, dtype=torch.float32, device=device)
+        skipped = torch.as_tensor(self._skipped, dtype=torch.bool, device=device)
+        return grad_norm, skipped
+
     def __repr__(self) -> str:
         return f"StepResult(grad_norm={self.grad_norm}, skipped={self.skipped})"
 

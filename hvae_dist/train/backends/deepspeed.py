@@ -1,7 +1,8 @@
 """DeepSpeed backend: ZeRO stage 0/1/2, DeepSpeed's own bf16 / fp16 (dynamic loss scaling), one checkpoint format.
 
 The DeepSpeed JSON is generated from `TrainConfig` (see `deepspeed_config`) and a user JSON given as
-`train.deepspeed_config` is deep-merged over it. The optimizer is always the `torch.optim` optimizer of
+`train.deepspeed_config` is deep-merged over it, once per run, by `hvae_dist.train.preflight.check_run`
+(which also refuses what DeepSpeed cannot honour before its set-up). The optimizer is always the `torch.optim` optimizer of
 `train.optimizer` (`base.build_optimizer`) handed to `deepspeed.initialize`, so DeepSpeed never JIT-builds
 its fused Adam; the engine sets its lr before every update (DeepSpeed has no scheduler of its own here).
 
@@ -174,22 +175,15 @@ def _plain(obj: Any) -> Any:
 class DeepSpeedBackend(Backend):
     """`forward_module` is the DeepSpeed engine; `raw_model` the HierarchicalVAE it wraps."""
 
-    def __init__(self, model: nn.Module, cfg: TrainConfig, world: World, device: torch.device):
+    def __init__(self, model: nn.Module, cfg: TrainConfig, world: World, device: torch.device, ds_config: dict):
+        """`ds_config`: the run's DeepSpeed config, built and checked once before any work
+        (`hvae_dist.train.preflight.check_run`, with the settings DeepSpeed cannot honour)."""
         super().__init__(cfg, world, device)
-        if cfg.skip_threshold is not None:
-            raise ConfigError(
-                f"train.skip_threshold={cfg.skip_threshold} is not supported with train.backend='deepspeed': DeepSpeed "
-                "clips and applies the update inside engine.step(), so an update cannot be skipped on its gradient norm "
-                "(non-finite losses and fp16 overflows are still skipped); unset train.skip_threshold or use --backend ddp")
         if not torch.distributed.is_initialized():
             prepare_deepspeed_env(world)
         import deepspeed
-        from deepspeed.accelerator import get_accelerator
 
-        if cfg.precision == "fp16" and not get_accelerator().is_fp16_supported():
-            raise ConfigError(f"train.precision='fp16' with train.backend='deepspeed' needs a device that DeepSpeed runs in "
-                              f"fp16 (a GPU); its {get_accelerator().device_name()} accelerator does not: use bf16 or fp32")
-        self.ds_config = deepspeed_config(cfg, world)
+        self.ds_config = ds_config
         self.zero_stage = int(self.ds_config.get("zero_optimization", {}).get("stage", 0))
         model = model.to(device)
         self.optimizer = build_optimizer(list(model.parameters()), cfg)   # DeepSpeed's wrappers step this one
