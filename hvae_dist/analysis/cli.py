@@ -39,6 +39,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="only these scores: ids (nll, lk1, llr2, complexity_png, background, typicality) or "
                              "families (nll lk llr complexity background typicality); default: all available")
     parser.add_argument("--no-plots", action="store_true", help="skip the PNG figures")
+    parser.add_argument("--bootstrap", type=int, default=1000, metavar="R",
+                        help="95%% percentile-bootstrap intervals of every metric from R resamples of the in-dist and "
+                             "OOD rows (0: none; default: 1000)")
+    parser.add_argument("--bootstrap-seed", type=int, default=0, metavar="SEED", help="seed of the resamples")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -50,11 +54,18 @@ def run(args: argparse.Namespace) -> int:
     out = require_folder(args.out if args.out else Path(args.file).resolve().parent / "analysis", "--out")
     if args.tensorboard:
         require_folder(args.tensorboard, "--tensorboard")
+    if args.bootstrap < 0:
+        from hvae_dist.errors import ConfigError
+
+        raise ConfigError(f"--bootstrap must be >= 0 (0: no intervals), got {args.bootstrap}")
     result = run_analysis(args.file, args.in_dist, background=args.background, scores=args.scores,
-                          figures=not args.no_plots)
+                          figures=not args.no_plots, bootstrap=args.bootstrap, bootstrap_seed=args.bootstrap_seed)
     with stop_note(f"{out} holds the previous report (or none), unchanged; re-run to write the new one"):
         written = report(result, out, plots=not args.no_plots, tensorboard=args.tensorboard, tb_step=args.tb_step)
     print(format_text(result))
+    from hvae_dist.analysis.comparison import format_comparison_markdown
+
+    print("\n" + format_comparison_markdown(result.rows, result.in_group).rstrip())
     print(f"\nwrote {len(written)} files to {out}"
           + (f"; TensorBoard: {args.tensorboard}" if args.tensorboard else ""))
     return 0

@@ -7,6 +7,7 @@ import html
 import io
 from typing import Any
 
+from hvae_dist.analysis.comparison import comparison_html_tables
 from hvae_dist.analysis.metrics import Analysis
 
 _CSS = """
@@ -62,5 +63,7 @@ def build_html(result: Analysis, figures: dict[str, Any]) -> str:
             "<h2>Metrics</h2><p>Negatives (label 0): in-distribution; positives (label 1): OOD; FPR80 = the false "
             "positive rate at a true positive rate of at least 0.8. Bold: the best AUROC per OOD set.</p>"
             + _metrics_table(result)
+            + "<h2>Comparison (rows: OOD sets; columns: methods)</h2>"
+            + comparison_html_tables(result.rows, result.in_group)
             + "<h2>Sign convention (every score: higher = more OOD)</h2><table><tr><th>score</th><th>id</th>"
             f"<th>value</th></tr>{signs}</table><h2>Figures</h2>{figs}</body></html>\n")

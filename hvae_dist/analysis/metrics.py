@@ -45,6 +45,7 @@ from typing import Any
 
 import numpy as np
 
+from hvae_dist.analysis.intervals import bootstrap_metrics
 from hvae_dist.data import group_name
 from hvae_dist.errors import ConfigError, ScoreFileError
 from hvae_dist.estimators.complexity import METHODS as COMPLEXITY_METHODS
@@ -196,6 +197,8 @@ class Analysis:
     attrs: dict[str, Any]
     typicality_ref: str | None
     background_file: Path | None
+    bootstrap: int = 0                        # replicates of the intervals (0: none), hvae_dist.analysis.intervals
+    bootstrap_seed: int = 0
 
 
 def fields_needed(specs: list[ScoreSpec], figures: bool) -> list[str]:
@@ -226,8 +229,12 @@ def find_group(path: Path, groups: dict[str, Any], spec: str) -> str:
 
 
 def run_analysis(score_file: str | Path, in_dist: str, background: str | Path | None = None,
-                 scores: list[str] | None = None, figures: bool = True) -> Analysis:
+                 scores: list[str] | None = None, figures: bool = True, bootstrap: int = 0,
+                 bootstrap_seed: int = 0) -> Analysis:
     """Load, score and compute the metrics for every OOD group x score (no files written).
+
+    bootstrap > 0: each row also gets `<metric>_lo` / `<metric>_hi`, the 95% percentile-bootstrap interval
+    from that many resamples seeded with `bootstrap_seed` (`hvae_dist.analysis.intervals`).
 
     Memory: one group at a time is read, and of it only the datasets the scores need (`fields_needed`);
     the in-dist group's scores stay while each OOD group is scored, compared and dropped. With
@@ -281,6 +288,9 @@ def run_analysis(score_file: str | Path, in_dist: str, background: str | Path | 
         values, drawn = load(g)
         for s in specs:
             m = compute_metrics(in_values[s.id], values[s.id])
+            if bootstrap:
+                ci = bootstrap_metrics(in_values[s.id], values[s.id], bootstrap, bootstrap_seed)
+                m.update({f"{k}_{end}": v for k, (lo, hi) in ci.items() for end, v in (("lo", lo), ("hi", hi))})
             rows.append({"in_dist": in_group, "ood": g, "score": s.id, "label": s.label, **m,
                          "n_in": int(in_values[s.id].size), "n_ood": int(values[s.id].size),
                          "orientation": s.meaning + "; higher = more OOD"})
@@ -288,4 +298,5 @@ def run_analysis(score_file: str | Path, in_dist: str, background: str | Path | 
             drawn_values[g] = {k: v[draw_rows(v.size)] for k, v in values.items()}
             drawn_groups[g] = drawn
         del values
-    return Analysis(path, in_group, ood_groups, specs, rows, drawn_values, drawn_groups, attrs, ref, bg_path)
+    return Analysis(path, in_group, ood_groups, specs, rows, drawn_values, drawn_groups, attrs, ref, bg_path,
+                    bootstrap, bootstrap_seed)

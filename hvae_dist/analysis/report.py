@@ -13,6 +13,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from hvae_dist.analysis.comparison import COMPARISON_FILES, comparison_texts
 from hvae_dist.analysis.metrics import Analysis, run_analysis
 from hvae_dist.estimators.detection import METRICS
 from hvae_dist.files import require_folder, staged_folder, with_path, write_bytes_atomic, write_text_atomic
@@ -24,17 +25,20 @@ FIGURE_PREFIXES = ("roc_", "hist_", "scatter_", "kl_layers", "auroc_by_k")
 def is_report_file(name: str) -> bool:
     """Whether a file of the report folder is one that `report` writes (replaced by the next report; any
     other file there is kept)."""
-    return name in REPORT_FILES or (name.endswith(".png") and name.startswith(FIGURE_PREFIXES))
+    return name in REPORT_FILES or name in COMPARISON_FILES or (name.endswith(".png") and name.startswith(FIGURE_PREFIXES))
 
 
 def analyze(score_file: str | Path, in_dist: str, out_dir: str | Path | None = None,
             background: str | Path | None = None, scores: list[str] | None = None,
-            plots: bool = True, tensorboard: str | Path | None = None) -> list[dict[str, Any]]:
+            plots: bool = True, tensorboard: str | Path | None = None, bootstrap: int = 0,
+            bootstrap_seed: int = 0) -> list[dict[str, Any]]:
     """Metric rows (one per OOD group x score: in_dist, ood, score, label, auroc, auprc, fpr80, n_in,
     n_ood, orientation). With `out_dir`, also writes metrics.{md,csv,json} (and PNGs unless plots=False)
-    there; with `tensorboard`, logs the table, figures and metrics to that run / TensorBoard dir."""
+    there; with `tensorboard`, logs the table, figures and metrics to that run / TensorBoard dir. bootstrap > 0:
+    95% intervals (`<metric>_lo` / `_hi`) from that many resamples (hvae_dist.analysis.intervals)."""
     figures = plots and (out_dir is not None or tensorboard is not None)
-    result = run_analysis(score_file, in_dist, background=background, scores=scores, figures=figures)
+    result = run_analysis(score_file, in_dist, background=background, scores=scores, figures=figures,
+                          bootstrap=bootstrap, bootstrap_seed=bootstrap_seed)
     report(result, out_dir, plots=figures, tensorboard=tensorboard)
     return result.rows
 
@@ -82,7 +86,8 @@ def format_text(result: Analysis) -> str:
     for g in result.ood_groups:
         shown = " ".join(g.splitlines())   # a name from the score file: one line
         for r in (r for r in result.rows if r["ood"] == g):
-            lines.append(f"{shown:<24} {r['label']:<{width}}  {r['auroc']:7.4f} {r['auprc']:7.4f} {r['fpr80']:7.4f}")
+            ci = f"  AUROC 95% [{r['auroc_lo']:.4f}, {r['auroc_hi']:.4f}]" if "auroc_lo" in r else ""
+            lines.append(f"{shown:<24} {r['label']:<{width}}  {r['auroc']:7.4f} {r['auprc']:7.4f} {r['fpr80']:7.4f}{ci}")
         lines.append("")
     lines.append("sign convention: every score is oriented so that higher = more OOD")
     lines += [f"  {label:<{width}}  {meaning}" for label, _, meaning in sign_convention(result)]
@@ -104,11 +109,20 @@ def format_markdown(result: Analysis) -> str:
     lines += ["- negatives (label 0): in-distribution; positives (label 1): OOD; FPR80 = FPR at TPR >= 0.8", "",
               "| OOD | score | AUROC | AUPRC | FPR80 | n in-dist | n OOD |", "|---|---|---:|---:|---:|---:|---:|"]
     for r in result.rows:
-        lines.append(f"| {_md_name(r['ood'])} | {_md(r['label'])} | {r['auroc']:.4f} | {r['auprc']:.4f} | {r['fpr80']:.4f} "
-                     f"| {r['n_in']} | {r['n_ood']} |")
+        lines.append(f"| {_md_name(r['ood'])} | {_md(r['label'])} | {_with_ci(r, 'auroc')} | {_with_ci(r, 'auprc')} "
+                     f"| {_with_ci(r, 'fpr80')} | {r['n_in']} | {r['n_ood']} |")
+    if result.bootstrap:
+        lines += ["", f"Brackets: 95% percentile-bootstrap interval, {result.bootstrap} resamples of the in-dist and OOD "
+                  f"rows (independently), seed {result.bootstrap_seed}."]
     lines += ["", "## Sign convention (every score: higher = more OOD)", "", "| score | id | value |", "|---|---|---|"]
     lines += [f"| {_md(label)} | `{sid}` | {_md(meaning)} |" for label, sid, meaning in sign_convention(result)]
     return "\n".join(lines) + "\n"
+
+
+def _with_ci(row: dict[str, Any], metric: str) -> str:
+    """`0.9860 [0.9790, 0.9920]` when the row has an interval, else the value."""
+    text = f"{row[metric]:.4f}"
+    return text + (f" [{row[metric + '_lo']:.4f}, {row[metric + '_hi']:.4f}]" if metric + "_lo" in row else "")
 
 
 def _md(text: str) -> str:
@@ -142,6 +156,8 @@ def write_tables(result: Analysis, out: Path) -> list[Path]:
     md, csv_path, js = out / "metrics.md", out / "metrics.csv", out / "metrics.json"
     write_text_atomic(md, format_markdown(result))
     fields = ["in_dist", "ood", "score", "label", *METRICS, "n_in", "n_ood"]
+    if result.bootstrap:
+        fields += [f"{m}_{end}" for m in METRICS for end in ("lo", "hi")]
     table = io.StringIO(newline="")
     w = csv.DictWriter(table, fieldnames=fields, extrasaction="ignore")
     w.writeheader()
@@ -155,6 +171,12 @@ def write_tables(result: Analysis, out: Path) -> list[Path]:
            "typicality_reference": result.typicality_ref, "attrs": meta,
            "sign_convention": {"higher_is_ood": True,
                                "scores": [{"id": s.id, "label": s.label, "value": s.meaning} for s in result.specs]},
+           "bootstrap": {"replicates": result.bootstrap, "seed": result.bootstrap_seed, "level": 0.95}
+           if result.bootstrap else None,
            "rows": result.rows}
     write_text_atomic(js, json.dumps(doc, indent=2) + "\n")
-    return [md, csv_path, js]
+    written = [md, csv_path, js]
+    # The comparison table in the paper's form (hvae_dist.analysis.comparison), beside metrics.*
+    for name, text in comparison_texts(result.rows, result.in_group, _md_name, _csv_text).items():
+        written.append(write_text_atomic(out / name, text))
+    return written
