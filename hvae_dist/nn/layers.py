@@ -22,6 +22,11 @@ class WeightNorm(nn.Module):
     a channels_last model back to NCHW; for an NCHW v nothing changes, not even a copy.)"""
 
     def forward(self, weight_g: Tensor, weight_v: Tensor) -> Tensor:
+        if torch._C._functorch.is_functorch_wrapped_tensor(weight_v):
+            # under torch.func (vmap / grad: per-example parameters, estimators/likelihood_regret.py) the fused
+            # kernel has no batching rule and falls back to a slow per-example loop; the same math, composite:
+            dims = tuple(range(1, weight_v.dim()))
+            return weight_v * (weight_g / torch.linalg.vector_norm(weight_v, dim=dims, keepdim=True))
         w = torch._weight_norm(weight_v, weight_g, 0)
         return w if w.stride() == weight_v.stride() else torch.empty_like(weight_v).copy_(w)
 
