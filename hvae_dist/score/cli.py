@@ -107,6 +107,15 @@ def add_score_arguments(p, *, submit: str | None = None) -> None:
                    help="network precision (bf16: autocast; log-densities fp32, reductions fp64)")
     p.add_argument("--complexity", action="store_true",
                    help="also store complexity_png / complexity_zlib (compressed size, nats) per example")
+    p.add_argument("--likelihood-regret", action="store_true",
+                   help="also store elbo_refit and likelihood_regret: each example's encoder refit with Adam as in "
+                        "Xiao et al.'s compute_LR.py, batched (slow: --lr-steps forward+backward passes per example)")
+    p.add_argument("--lr-steps", type=int, default=100, metavar="N",
+                   help="Adam steps of each Likelihood Regret refit (default: 100, as the original)")
+    p.add_argument("--gradients", action="store_true",
+                   help="also store grad_norm: per-layer norms of each example's ELBO gradient (Bergamin et al. 2022)")
+    p.add_argument("--grad-samples", type=int, default=1, metavar="M",
+                   help="posterior samples whose mean ELBO_1 --gradients differentiates (default: 1)")
     p.add_argument("--device", default="auto",
                    help="auto (cuda:LOCAL_RANK when available, else cpu), cpu, cuda or cuda:N (refused when not here)")
     if submit is None:
@@ -124,16 +133,20 @@ def job_from_args(args: argparse.Namespace, *, run_dir: str | None = None, out: 
                   shard: int = 0, num_shards: int = 1, progress: bool | None = None):
     """The ScoreJob of the options of `add_score_arguments` (`run_dir` / `out`: instead of args.run_dir /
     args.out, e.g. absolute paths for a SLURM job)."""
+    from hvae_dist.estimators.gradients import GradientSettings
+    from hvae_dist.estimators.likelihood_regret import RegretSettings
     from hvae_dist.estimators.scorer import ScoreSettings
     from hvae_dist.score.runner import ScoreJob
 
+    regret = RegretSettings(steps=args.lr_steps) if getattr(args, "likelihood_regret", False) else None
+    gradients = GradientSettings(samples=args.grad_samples) if getattr(args, "gradients", False) else None
     settings = ScoreSettings(iw_samples=args.iw_samples, iw_samples_lk=args.iw_samples_lk, ks=_ks(args.ks),
                              seed=args.seed, precision=args.score_precision, sample_chunk=args.sample_chunk)
     return ScoreJob(run_dir=run_dir or args.run_dir, datasets=list(args.datasets), out=out or args.out,
                     settings=settings, checkpoint=getattr(args, "checkpoint", None), shard=shard,
                     num_shards=num_shards, max_examples=args.max_examples, batch_size=args.batch_size,
                     use_ema=not args.no_ema, complexity=args.complexity, device=args.device, progress=progress,
-                    data_root=args.data_root, log_every=args.log_every)
+                    data_root=args.data_root, log_every=args.log_every, likelihood_regret=regret, gradients=gradients)
 
 
 def run_score(args: argparse.Namespace) -> int:

@@ -32,11 +32,13 @@ FORMAT_VERSION = 2
 READABLE_FORMATS = (1, FORMAT_VERSION)
 CHUNK_ROWS = 1024
 IDENTITY_ATTRS = ("format_version", "model_sha256", "iw_samples", "iw_samples_lk", "ks", "seed", "dtype", "ema",
-                  "binarize", "num_layers", "datasets", "dataset_sizes", "complexity")
+                  "binarize", "num_layers", "datasets", "dataset_sizes", "complexity", "likelihood_regret", "gradients")
 SHARD_ATTRS = ("shard", "num_shards")
 VALUE_FIELDS = ("elbo", "elbo_1", "lk", "llr", "kl", "bpd")
 REQUIRED_FIELDS = ("index", *VALUE_FIELDS)
-JSON_ATTRS = ("config", "datasets", "dataset_sizes", "complexity")
+JSON_ATTRS = ("config", "datasets", "dataset_sizes", "complexity", "likelihood_regret", "gradients")
+BASELINE_FIELDS = ("elbo_refit", "likelihood_regret", "grad_norm")
+"""Optional per-example fields of the baselines (`hvae score --likelihood-regret / --gradients`; score.baseline_fields)."""
 
 
 def file_sha256(path: str | Path, block: int = 1 << 22) -> str:

@@ -24,9 +24,12 @@ from hvae_dist.distributed import resolve_device
 from hvae_dist.errors import CheckpointError, ConfigError
 from hvae_dist.estimators.complexity import METHODS as COMPLEXITY_METHODS
 from hvae_dist.estimators.complexity import compressed_size_nats
+from hvae_dist.estimators.gradients import GradientSettings
+from hvae_dist.estimators.likelihood_regret import RegretSettings
 from hvae_dist.estimators.rows import default_batch_size
 from hvae_dist.estimators.scorer import IWScorer, ScoreSettings
 from hvae_dist.files import require_folder
+from hvae_dist.score.baseline_fields import BaselineFields
 from hvae_dist.score.layout import FORMAT_VERSION, file_sha256
 from hvae_dist.score.plan import ShardPlan
 from hvae_dist.score.writer import GroupSpec, ShardWriter, lock_shard
@@ -54,12 +57,17 @@ class ScoreJob:
     progress: bool | None = None      # None: the bar when stderr is a terminal, else progress lines
     data_root: str | None = None      # None: the run's data.root
     log_every: float = 30.0           # seconds between progress lines (when there is no bar)
+    likelihood_regret: RegretSettings | None = None   # None: no elbo_refit / likelihood_regret fields
+    gradients: GradientSettings | None = None         # None: no grad_norm field
 
 
 def check_job(job: ScoreJob) -> None:
     """The job's integers in range (they are stored as int64 in the shard file), before anything is loaded or
     created; ConfigError naming the option."""
     job.settings.check()
+    for extra in (job.likelihood_regret, job.gradients):
+        if extra is not None:
+            extra.check()
     check_int_range("--shard", job.shard)
     check_int_range("--num-shards", job.num_shards, 1)
     for option, value in (("--max-examples", job.max_examples), ("--batch-size", job.batch_size)):
@@ -155,6 +163,7 @@ def run_score_job(job: ScoreJob) -> Path:
     model.to(device)
     settings = replace(job.settings, binarize=cfg.data.binarize).resolved(model.num_layers)
     scorer = IWScorer(model, settings, device)
+    baselines = BaselineFields(scorer, job.likelihood_regret, job.gradients)
 
     groups = [group_name(":".join(parse_dataset_spec(s))) for s in job.datasets]
     if not groups:
@@ -183,23 +192,24 @@ def run_score_job(job: ScoreJob) -> Path:
         "complexity": methods, "package_version": __version__, "config": cfg.to_json(),
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "shard": plan.shard, "num_shards": plan.num_shards,
+        **baselines.attrs(),
     }
-    specs = [GroupSpec(g, np.arange(*plan.range(g), dtype=np.int64), model.num_layers, len(settings.ks), methods)
-             for g in groups]
+    specs = [GroupSpec(g, np.arange(*plan.range(g), dtype=np.int64), model.num_layers, len(settings.ks), methods,
+                       baselines.shapes(plan.range(g)[1] - plan.range(g)[0])) for g in groups]
     path = Path(job.out) / plan.filename
     # The lock comes before the shard file is looked at, created or opened: of two jobs started on the same
     # new shard, the second stops here instead of replacing the first one's file.
     lock = lock_shard(path)
     try:
         with ShardWriter.open(path, attrs, specs) as writer:
-            _score_rows(job, writer, scorer, data, plan, batch_size)
+            _score_rows(job, writer, scorer, data, plan, batch_size, baselines)
     finally:
         lock.release()
     return path
 
 
 def _score_rows(job: ScoreJob, writer: ShardWriter, scorer: IWScorer, data: dict, plan: ShardPlan,
-                batch_size: int) -> None:
+                batch_size: int, baselines: BaselineFields | None = None) -> None:
     """Score every pending row of the shard (data: group -> dataset), batch by batch, with progress."""
     from tqdm import tqdm
 
@@ -224,6 +234,8 @@ def _score_rows(job: ScoreJob, writer: ShardWriter, scorer: IWScorer, data: dict
                 values = scorer.score_batch(torch.from_numpy(images), torch.from_numpy(idx), g)
                 for m in methods:
                     values[f"complexity_{m}"] = compressed_size_nats(images, m)
+                if baselines is not None:
+                    values.update(baselines.values(torch.from_numpy(images), torch.from_numpy(idx), g, values["elbo"]))
                 _trace(g, idx)
                 writer.write(g, rows_b, values)
                 bar.update(len(rows_b))

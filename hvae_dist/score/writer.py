@@ -42,6 +42,7 @@ class GroupSpec:
     num_layers: int
     num_ks: int
     complexity: list = field(default_factory=list)
+    extra: dict = field(default_factory=dict)   # field -> (shape, dtype): the baselines' (score.baseline_fields)
 
     def shapes(self) -> dict[str, tuple[tuple[int, ...], Any]]:
         n = len(self.index)
@@ -50,6 +51,7 @@ class GroupSpec:
                "kl": ((n, self.num_layers), np.float64), "bpd": ((n,), np.float64)}
         for method in self.complexity:
             out[f"complexity_{method}"] = ((n,), np.float64)
+        out.update(self.extra)
         out["complete"] = ((n,), np.bool_)
         return out
 
