@@ -43,6 +43,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="95%% percentile-bootstrap intervals of every metric from R resamples of the in-dist and "
                              "OOD rows (0: none; default: 1000)")
     parser.add_argument("--bootstrap-seed", type=int, default=0, metavar="SEED", help="seed of the resamples")
+    parser.add_argument("--dose", choices=("kde", "svm"), default=None,
+                        help="add DoSE: a KDE / one-class SVM of the per-example statistics fitted to the in-dist "
+                             "TRAINING split's rows (the file must hold NAME/train)")
+    parser.add_argument("--ensemble", nargs="+", metavar="FILE", default=None,
+                        help="score files of other runs (other seeds) over the same examples: adds -WAIC over FILE "
+                             "and these (e.g. from hvae ensemble)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -59,7 +65,8 @@ def run(args: argparse.Namespace) -> int:
 
         raise ConfigError(f"--bootstrap must be >= 0 (0: no intervals), got {args.bootstrap}")
     result = run_analysis(args.file, args.in_dist, background=args.background, scores=args.scores,
-                          figures=not args.no_plots, bootstrap=args.bootstrap, bootstrap_seed=args.bootstrap_seed)
+                          figures=not args.no_plots, bootstrap=args.bootstrap, bootstrap_seed=args.bootstrap_seed,
+                          dose=args.dose, ensemble=args.ensemble)
     with stop_note(f"{out} holds the previous report (or none), unchanged; re-run to write the new one"):
         written = report(result, out, plots=not args.no_plots, tensorboard=args.tensorboard, tb_step=args.tb_step)
     print(format_text(result))

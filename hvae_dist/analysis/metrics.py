@@ -45,6 +45,7 @@ from typing import Any
 
 import numpy as np
 
+from hvae_dist.analysis.baselines import prepare as prepare_baselines
 from hvae_dist.analysis.intervals import bootstrap_metrics
 from hvae_dist.data import group_name
 from hvae_dist.errors import ConfigError, ScoreFileError
@@ -52,7 +53,8 @@ from hvae_dist.estimators.complexity import METHODS as COMPLEXITY_METHODS
 from hvae_dist.estimators.detection import compute_metrics
 from hvae_dist.score.reader import read_scores
 
-SCORE_FAMILIES = ("nll", "lk", "llr", "complexity", "background", "typicality")
+SCORE_FAMILIES = ("nll", "lk", "llr", "complexity", "background", "typicality", "likelihood_regret", "gradients", "dose",
+                  "waic")
 
 
 # ------------------------------------------------------------------------------------------------ scores
@@ -230,11 +232,13 @@ def find_group(path: Path, groups: dict[str, Any], spec: str) -> str:
 
 def run_analysis(score_file: str | Path, in_dist: str, background: str | Path | None = None,
                  scores: list[str] | None = None, figures: bool = True, bootstrap: int = 0,
-                 bootstrap_seed: int = 0) -> Analysis:
+                 bootstrap_seed: int = 0, dose: str | None = None, ensemble: list | None = None) -> Analysis:
     """Load, score and compute the metrics for every OOD group x score (no files written).
 
     bootstrap > 0: each row also gets `<metric>_lo` / `<metric>_hi`, the 95% percentile-bootstrap interval
     from that many resamples seeded with `bootstrap_seed` (`hvae_dist.analysis.intervals`).
+    The baselines (hvae_dist.analysis.baselines): Likelihood Regret and the gradient scores when the file holds
+    their fields; `dose` ("kde" / "svm") fits DoSE to NAME/train; `ensemble` (other runs' score files): WAIC.
 
     Memory: one group at a time is read, and of it only the datasets the scores need (`fields_needed`);
     the in-dist group's scores stay while each OOD group is scored, compared and dropped. With
@@ -258,13 +262,15 @@ def run_analysis(score_file: str | Path, in_dist: str, background: str | Path | 
             raise ScoreFileError(f"{bg_path}: background file lacks group(s) {', '.join(lacking)}; "
                                  f"it has: {', '.join(bg_names)}")
     extra = set.intersection(*(set(names[g]) for g in used))
-    specs = select_specs(score_specs(attrs["ks"], extra, bg_path is not None, ref), scores)
+    base = prepare_baselines(path, names, used, in_group, ScoreSpec, dose, ensemble)
+    specs = select_specs(score_specs(attrs["ks"], extra, bg_path is not None, ref) + base.specs, scores)
+    base.specs = [s for s in base.specs if s in specs]
     typical = None
     if any(s.id == "typicality" for s in specs):
         typical = float(np.mean(-read_scores(path, fields={ref: ["elbo"]}).groups[ref]["elbo"]))
         if not math.isfinite(typical):
             raise ScoreFileError(f"{path}: mean -elbo of typicality reference '{ref}' is not finite")
-    fields = fields_needed(specs, figures)
+    fields = sorted(set(fields_needed(specs, figures)) | (base.fields if base.specs else set()))
 
     def load(g: str) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
         """Group g's scores (every row) and the drawn rows of its raw datasets."""
@@ -274,6 +280,7 @@ def run_analysis(score_file: str | Path, in_dist: str, background: str | Path | 
         if bg_path is not None:
             bg_elbo = _join_background(data, read_scores(bg_path, fields={g: ["elbo"]}).groups[g], g, bg_path)
         values = compute_scores(data, specs, attrs["ks"], bg_elbo, typical)
+        values.update(base.scores(g, data))
         for s in specs:
             _check_finite(values[s.id], g, s, bg_path if s.id == "background" else path)
         rows = draw_rows(data["index"].size)

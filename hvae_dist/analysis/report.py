@@ -31,14 +31,14 @@ def is_report_file(name: str) -> bool:
 def analyze(score_file: str | Path, in_dist: str, out_dir: str | Path | None = None,
             background: str | Path | None = None, scores: list[str] | None = None,
             plots: bool = True, tensorboard: str | Path | None = None, bootstrap: int = 0,
-            bootstrap_seed: int = 0) -> list[dict[str, Any]]:
+            bootstrap_seed: int = 0, dose: str | None = None, ensemble: list | None = None) -> list[dict[str, Any]]:
     """Metric rows (one per OOD group x score: in_dist, ood, score, label, auroc, auprc, fpr80, n_in,
     n_ood, orientation). With `out_dir`, also writes metrics.{md,csv,json} (and PNGs unless plots=False)
     there; with `tensorboard`, logs the table, figures and metrics to that run / TensorBoard dir. bootstrap > 0:
     95% intervals (`<metric>_lo` / `_hi`) from that many resamples (hvae_dist.analysis.intervals)."""
     figures = plots and (out_dir is not None or tensorboard is not None)
     result = run_analysis(score_file, in_dist, background=background, scores=scores, figures=figures,
-                          bootstrap=bootstrap, bootstrap_seed=bootstrap_seed)
+                          bootstrap=bootstrap, bootstrap_seed=bootstrap_seed, dose=dose, ensemble=ensemble)
     report(result, out_dir, plots=figures, tensorboard=tensorboard)
     return result.rows
 
