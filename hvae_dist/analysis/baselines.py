@@ -135,7 +135,7 @@ def prepare(path: Path, names: dict[str, Any], used: list[str], in_group: str, s
         b.fields.add("likelihood_regret")
     if "grad_norm" in have:
         b.fields.add("grad_norm")
-        b.specs.append(spec_type("gradnorm", "|grad|", "gradients", "norm of the ELBO_1 gradient (Bergamin et al.)"))
+        b.specs.append(spec_type("gradnorm", "grad norm", "gradients", "norm of the ELBO_1 gradient (Bergamin et al.)"))
         if has_train and "grad_norm" in names[train]:
             b.grad_train = read_scores(path, fields={train: ["grad_norm"]}).groups[train]["grad_norm"].astype(np.float64)
             b.specs.append(spec_type("score_stat", "score stat", "gradients",

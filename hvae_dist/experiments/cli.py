@@ -13,11 +13,12 @@ import time
 from pathlib import Path
 
 from hvae_dist.config import SCORE_PRECISIONS
-from hvae_dist.experiments.recipe import RECIPE
+from hvae_dist.experiments.recipe import DEMO_STEPS, POSTER_STEPS, RECIPE
 
 EXAMPLES = """examples:
-  hvae demo                                   # about 10 min of training + scoring on a CPU -> runs/demo/
-  hvae demo --minutes 2 --iw-samples 8 --max-examples 200 --out runs/quick
+  hvae demo                                   # DEMO_STEPS training steps + scoring on a CPU -> runs/demo/
+  hvae demo --steps 500 --iw-samples 8 --max-examples 200 --out runs/quick
+  hvae demo --minutes 5                       # at most 5 min of training; says "stopped at step N of M" if cut
   hvae demo --config biva-tiny --out runs/demo-biva   # the same with the BIVA model
 Re-running with the same --out resumes the run and rescores; the report is runs/demo/report/metrics.md."""
 
@@ -26,7 +27,11 @@ def add_demo_arguments(p: argparse.ArgumentParser) -> None:
     p.epilog = EXAMPLES
     p.add_argument("--config", default="tiny", help="preset or JSON file of the model to train (e.g. biva-tiny)")
     p.add_argument("--out", default="runs/demo", help="folder for the run, scores and report")
-    p.add_argument("--minutes", type=float, default=10.0, help="training wall time budget")
+    p.add_argument("--steps", type=int, default=DEMO_STEPS,
+                   help="training steps: a fixed budget, so the result does not depend on how busy the machine is")
+    p.add_argument("--minutes", type=float, default=None,
+                   help="optional cap on the training wall time; a run it stops early says 'stopped at step N of M' "
+                        "(default: no cap)")
     # The one precision trains and scores: only those both commands take.
     p.add_argument("--precision", choices=SCORE_PRECISIONS, default="fp32", help="network precision")
     p.add_argument("--iw-samples", type=int, default=16, help="importance samples per bound")
@@ -44,17 +49,19 @@ def run_demo(args: argparse.Namespace) -> int:
     out = Path(args.out)
     run_dir, scores, report = out / "run", out / "scores", out / "report"
     t0 = time.monotonic()
-    minutes = f"train.max_minutes={args.minutes}"
+    budget = stages.budget_overrides(args.steps, args.minutes)
     if (run_dir / "config.json").exists():  # resume the same run; its config stays as it was
-        stages.train(run_dir, None, [minutes])
+        trained = stages.train(run_dir, None, budget)
     else:
-        stages.train(run_dir, args.config, [minutes], args.overrides, precision=args.precision)
+        trained = stages.train(run_dir, args.config, budget, args.overrides, precision=args.precision)
+    note = stages.budget_note(trained, args.steps, args.minutes)
     t1 = time.monotonic()
     stages.score(run_dir, args.datasets, scores, args.iw_samples, args.max_examples)
     stages.merge(scores)
     t2 = time.monotonic()
-    stages.analyze(scores / "scores.h5", args.datasets[0], report)
-    print(f"\ndemo done: training {(t1 - t0) / 60:.1f} min, scoring {(t2 - t1) / 60:.1f} min. "
+    stages.analyze(scores / "scores.h5", args.datasets[0], report, note)
+    print(f"\ndemo done: training {(t1 - t0) / 60:.1f} min ({note or f'{args.steps} steps'}), "
+          f"scoring {(t2 - t1) / 60:.1f} min. "
           f"Report: {report}/metrics.md, TensorBoard: tensorboard --logdir {run_dir / 'tb'}")
     print("The paper (Havtorn et al. 2021, FashionMNIST -> MNIST): AUROC of log p(x) well below 0.5, LLR>1 0.986.")
     return 0
@@ -69,7 +76,10 @@ Re-running with the same --out continues an interrupted stage and skips finished
 def add_poster_arguments(p: argparse.ArgumentParser) -> None:
     p.epilog = POSTER_EXAMPLES
     p.add_argument("--out", default="runs/poster", help="folder for both runs, their scores, analyses and the table")
-    p.add_argument("--minutes", type=float, default=30.0, help="training wall time per model")
+    p.add_argument("--steps", type=int, default=POSTER_STEPS, help="training steps per model (a fixed budget)")
+    p.add_argument("--minutes", type=float, default=None,
+                   help="optional cap on each model's training wall time; a model it stops early is marked "
+                        "'stopped at step N of M' in the output and poster.md (default: no cap)")
     p.add_argument("--config", default="tiny", help="preset or JSON file of both models")
     p.add_argument("--iw-samples", type=int, default=64, help="importance samples per bound")
     p.add_argument("--max-examples", type=int, default=1000, help="examples scored per dataset")
@@ -83,5 +93,5 @@ def run_poster(args: argparse.Namespace) -> int:
     from hvae_dist.experiments.poster import run_poster as poster
 
     print(poster(args.out, args.minutes, args.config, args.iw_samples, args.max_examples, args.data_root,
-                 args.overrides))
+                 args.overrides, steps=args.steps))
     return 0

@@ -1,6 +1,6 @@
 """`hvae poster`: the paper's OOD table (Havtorn et al. 2021) in one command, on one machine.
 
-For each in-distribution set (FashionMNIST, MNIST): train a model (`--config`, `--minutes` of wall time),
+For each in-distribution set (FashionMNIST, MNIST): train a model (`--config`, `--steps` steps, at most `--minutes`),
 score its test split against every OOD set that resolves here (the other of the two, the inverted
 variants, AnimalMNIST, KMNIST / notMNIST / Omniglot / SmallNORB when `--data-root` holds them, the noise
 sets) and against its own held-out validation split (the paper's ~0.5 rows: scored under the identity
@@ -24,6 +24,7 @@ from pathlib import Path
 
 from hvae_dist.errors import DatasetUnavailableError, HvaeError
 from hvae_dist.experiments import stages
+from hvae_dist.experiments.recipe import POSTER_STEPS
 
 IN_DISTS = ("FashionMNIST", "MNIST")
 # (trained on, paper's OOD name) -> (paper's k, paper's AUROC of LLR>k)
@@ -81,15 +82,17 @@ def _stage(folder: Path, what: str, run: Callable[[], object]) -> None:
     marker.write_text(time.strftime("%Y-%m-%dT%H:%M:%SZ\n", time.gmtime()))
 
 
-def run_poster(out: str | Path, minutes: float = 30.0, config: str = "tiny", iw_samples: int = 64,
-               max_examples: int = 1000, data_root: str | None = None, overrides: list[str] | None = None) -> Path:
-    """Train, score, analyze per in-dist set; returns the path of the table (OUT/poster.md)."""
+def run_poster(out: str | Path, minutes: float | None = None, config: str = "tiny", iw_samples: int = 64,
+               max_examples: int = 1000, data_root: str | None = None, overrides: list[str] | None = None,
+               steps: int = POSTER_STEPS) -> Path:
+    """Train (`steps` per model, `minutes` an optional cap), score, analyze per in-dist set; returns the path of
+    the table (OUT/poster.md), which says "stopped at step N of M" for a model the cap stopped early."""
     out = Path(out)
-    rows, missing_all = [], {}
+    rows, missing_all, notes = [], {}, {}
     for in_dist in IN_DISTS:
         base = out / in_dist
         run_dir, scores, analysis = base / "run", base / "scores", base / "analysis"
-        budget = [f"train.max_minutes={minutes}", "train.max_steps=10000000"]
+        budget = stages.budget_overrides(steps, minutes)
         if (run_dir / "config.json").exists():
             train = partial(stages.train, run_dir, None, budget)
         else:
@@ -97,7 +100,11 @@ def run_poster(out: str | Path, minutes: float = 30.0, config: str = "tiny", iw_
             val = json.dumps([f"{in_dist}:validation", f"{other}:validation"])
             train = partial(stages.train, run_dir, config,
                             [*budget, f"data.dataset={in_dist}", f"data.val_datasets={val}"], overrides)
-        _stage(run_dir / "poster", f"training {run_dir}", train)
+        trained: dict = {}
+        _stage(run_dir / "poster", f"training {run_dir}", lambda train=train, trained=trained: trained.update(train()))
+        if note := stages.budget_note(trained, steps, minutes):
+            notes[in_dist] = note
+            print(f"NOTE: {in_dist} training {note}", flush=True)
         names, missing = resolvable(ood_candidates(in_dist), data_root)
         missing_all.update({(in_dist, n): why for n, why in missing.items()})
         specs = [f"{in_dist}:test"] + [f"{n}:validation" if n == f"{in_dist}-28x28" else f"{n}:test" for n in names]
@@ -107,7 +114,7 @@ def run_poster(out: str | Path, minutes: float = 30.0, config: str = "tiny", iw_
         _stage(analysis, f"analyzing {scores / 'scores.h5'}",
                partial(stages.analyze, scores / "scores.h5", f"{in_dist}:test", analysis))
         rows += _rows(in_dist, analysis / "metrics.json", missing)
-    return _write_table(out, rows, minutes, iw_samples, max_examples)
+    return _write_table(out, rows, minutes, iw_samples, max_examples, steps, notes)
 
 
 def _rows(in_dist: str, metrics_json: Path, missing: dict[str, str]) -> list[dict]:
@@ -141,14 +148,17 @@ def _fmt(v) -> str:
     return "—" if v is None else (f"{v:.3f}" if isinstance(v, float) else str(v))
 
 
-def _write_table(out: Path, rows: list[dict], minutes: float, iw_samples: int, max_examples: int) -> Path:
+def _write_table(out: Path, rows: list[dict], minutes: float | None, iw_samples: int, max_examples: int,
+                 steps: int = POSTER_STEPS, notes: dict[str, str] | None = None) -> Path:
     from hvae_dist.files import write_bytes_atomic
 
     head = ["trained on", "OOD (paper)", "OOD (ours)", "k", "paper AUROC LLR>k", "ours AUROC LLR>k",
             "ours AUROC -ELBO", "ours best k (AUROC)", "note"]
-    lines = [f"# The paper's table, ours beside it ({minutes:g} min of training per model, S = {iw_samples}, "
-             f"first {max_examples} examples per set)", "", "| " + " | ".join(head) + " |",
-             "|" + "---|" * len(head)]
+    cap = f", at most {minutes:g} min" if minutes is not None else ""
+    lines = [f"# The paper's table, ours beside it ({steps} training steps per model{cap}, S = {iw_samples}, "
+             f"first {max_examples} examples per set)", ""]
+    lines += [f"**Training {name}: {note}.**" for name, note in (notes or {}).items()] + ([""] if notes else [])
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         best = f"{r['ours_best_k']} ({_fmt(r['ours_best_auroc'])})" if r["ours_best_k"] is not None else "—"
         lines.append(f"| {r['trained_on']} | {r['ood_paper']} | {r['ood_ours']} | {r['k']} | {_fmt(r['paper_auroc'])} "
@@ -160,8 +170,8 @@ def _write_table(out: Path, rows: list[dict], minutes: float, iw_samples: int, m
     w.writeheader()
     w.writerows(rows)
     write_bytes_atomic(out / "poster.csv", buf.getvalue().encode())
-    write_bytes_atomic(out / "poster.json", (json.dumps({"minutes": minutes, "iw_samples": iw_samples,
-                                                          "max_examples": max_examples, "rows": rows}, indent=2)
-                                             + "\n").encode())
+    doc = {"minutes": minutes, "steps": steps, "notes": notes or {}, "iw_samples": iw_samples,
+           "max_examples": max_examples, "rows": rows}
+    write_bytes_atomic(out / "poster.json", (json.dumps(doc, indent=2) + "\n").encode())
     print("\n".join(lines))
     return md

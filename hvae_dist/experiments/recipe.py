@@ -12,6 +12,14 @@ from __future__ import annotations
 
 RECIPE: tuple[str, ...] = ("train.ema_decay=0.999",)
 
+DEMO_STEPS = 2500
+"""`hvae demo`'s fixed training budget: the 2,500 steps at which the recipe above was measured (0.986 / 0.980
+LLR>1 AUROC, seeds 0 / 1; docs/results/demo_recipe). A step budget makes the result independent of how busy
+the machine is; `--minutes` only caps it (and says so). To be re-measured on a fresh clone (issue 23 item 6)."""
+POSTER_STEPS = 7500
+"""`hvae poster`'s fixed training budget per model: about what its former 30-minute default bought on the
+2-core CPU (~4 steps/s); a placeholder until measured (issue 23 item 6)."""
+
 
 def recipe_overrides(overrides: list[str] | None = None) -> list[str]:
     """The recipe then the user's overrides, as `--set` items KEY=VALUE (later wins)."""

@@ -32,6 +32,20 @@ def train(run_dir: Path, config: str | None, overrides: list[str], user_override
     return run_training(resolve_run_config(run_dir, config, items), run_dir)
 
 
+def budget_overrides(steps: int, minutes: float | None) -> list[str]:
+    """--set items of a fixed step budget with an optional wall-clock cap (`train.max_minutes`, null: none)."""
+    return [f"train.max_steps={int(steps)}", f"train.max_minutes={'null' if minutes is None else minutes}"]
+
+
+def budget_note(result: dict, steps: int, minutes: float | None) -> str | None:
+    """"stopped at step N of M ..." when the --minutes cap (or a signal) ended training before the step budget."""
+    if result.get("reason") in ("time", "signal") and result.get("step", steps) < steps:
+        why = f"the --minutes {minutes:g} cap" if result["reason"] == "time" else "a signal"
+        return (f"stopped at step {result['step']} of {steps} ({why}): the model is less trained than the fixed "
+                "budget, and its numbers depend on how fast this machine was")
+    return None
+
+
 def score(run_dir: Path, datasets: list[str], out: Path, iw_samples: int, max_examples: int,
           data_root: str | None = None) -> Path:
     """Score every dataset (one shard) into `out`; returns the shard file."""
@@ -54,12 +68,18 @@ def merge(out: Path) -> Path:
     return merge_shards(out)
 
 
-def analyze(scores: Path, in_dist: str, out: Path) -> None:
-    """Metrics, tables and figures of `scores` into `out`; prints the table."""
+def analyze(scores: Path, in_dist: str, out: Path, note: str | None = None) -> None:
+    """Metrics, tables and figures of `scores` into `out`; prints the table. `note` (e.g. "stopped at step N
+    of M") is printed and added to out/metrics.md."""
     from hvae_dist.analysis import format_text, report, run_analysis
+    from hvae_dist.files import write_text_atomic
 
     _show(["analyze", str(scores), "--in-dist", in_dist, "--out", str(out)])
     result = run_analysis(scores, in_dist)
     written = report(result, out)
     print(format_text(result))
+    if note:
+        md = out / "metrics.md"
+        write_text_atomic(md, md.read_text() + f"\n**Training: {note}.**\n")
+        print(f"\nNOTE: training {note}")
     print(f"\nwrote {len(written)} files to {out}")

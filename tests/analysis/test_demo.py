@@ -36,3 +36,15 @@ def test_demo_trains_with_the_recipe_and_writes_the_report(tmp_path, capsys):
 def test_a_users_set_overrides_the_recipe(tmp_path):
     assert hvae(["demo", "--out", str(tmp_path), *SMALL, "--set", "train.ema_decay=0"]) == 0
     assert _train_config(tmp_path)["ema_decay"] == 0.0
+
+
+def test_a_fixed_step_budget_and_the_minutes_cap_that_says_so(tmp_path, capsys):
+    small = SMALL[2:]                                                       # without --minutes
+    assert hvae(["demo", "--out", str(tmp_path / "steps"), "--steps", "3", *small]) == 0
+    out = capsys.readouterr().out
+    assert "stopped at step" not in out and "train.max_steps=3" in out and "(3 steps)" in out
+    assert json.loads((tmp_path / "steps" / "run" / "config.json").read_text())["train"]["max_minutes"] is None
+    assert hvae(["demo", "--out", str(tmp_path / "cap"), "--steps", "100000", "--minutes", "0.01", *small]) == 0
+    out = capsys.readouterr().out
+    assert "stopped at step" in out and "of 100000 (the --minutes 0.01 cap)" in out
+    assert "stopped at step" in (tmp_path / "cap" / "report" / "metrics.md").read_text()
