@@ -38,6 +38,8 @@ COMMANDS: dict[str, tuple[str, str, str, str]] = {
                "the paper's OOD table: both models trained, every resolvable OOD set scored, the paper beside us"),
     "demo": ("hvae_dist.experiments.cli", "add_demo_arguments", "run_demo",
              "the paper's headline on offline data: FashionMNIST vs MNIST on CPU"),
+    "ensemble": ("hvae_dist.experiments.cli", "add_ensemble_arguments", "run_ensemble",
+                 "N runs that differ in the seed, each scored on the same examples, analyzed with WAIC over them"),
 }
 
 

@@ -89,6 +89,32 @@ def add_poster_arguments(p: argparse.ArgumentParser) -> None:
                         f"{' '.join(RECIPE)}; repeatable)")
 
 
+def add_ensemble_arguments(p: argparse.ArgumentParser) -> None:
+    from hvae_dist.experiments.ensemble import __doc__ as doc
+
+    p.epilog = "On SLURM (one job per seed):\n" + doc.split("e.g. for N = 5:\n\n", 1)[1]
+    p.add_argument("--seeds", type=int, default=5, help="number of runs (train.seed = 0 .. N-1)")
+    p.add_argument("--out", default="runs/ensemble", help="folder for OUT/seed-I/{run,scores} and OUT/report")
+    p.add_argument("--config", default="tiny", help="preset or JSON file of every run")
+    p.add_argument("--steps", type=int, default=DEMO_STEPS, help="training steps per run")
+    p.add_argument("--minutes", type=float, default=None, help="optional cap on each run's training wall time")
+    p.add_argument("--datasets", nargs="+", default=["FashionMNIST:test", "MNIST:test"],
+                   help="datasets every run scores, in-distribution first")
+    p.add_argument("--iw-samples", type=int, default=16, help="importance samples per bound")
+    p.add_argument("--max-examples", type=int, default=500, help="examples scored per dataset")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="training config overrides of every run (repeatable)")
+
+
+def run_ensemble(args: argparse.Namespace) -> int:
+    from hvae_dist.experiments.ensemble import run_ensemble as ensemble
+
+    files = ensemble(args.out, args.seeds, args.config, args.steps, args.minutes, args.datasets, args.iw_samples,
+                     args.max_examples, args.overrides)
+    print(f"\nensemble of {len(files)} runs; report with -WAIC: {Path(args.out) / 'report'}")
+    return 0
+
+
 def run_poster(args: argparse.Namespace) -> int:
     from hvae_dist.experiments.poster import run_poster as poster
 

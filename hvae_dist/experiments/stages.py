@@ -68,14 +68,15 @@ def merge(out: Path) -> Path:
     return merge_shards(out)
 
 
-def analyze(scores: Path, in_dist: str, out: Path, note: str | None = None) -> None:
+def analyze(scores: Path, in_dist: str, out: Path, note: str | None = None, ensemble: list | None = None) -> None:
     """Metrics, tables and figures of `scores` into `out`; prints the table. `note` (e.g. "stopped at step N
-    of M") is printed and added to out/metrics.md."""
+    of M") is printed and added to out/metrics.md; `ensemble`: other runs' score files (adds -WAIC)."""
     from hvae_dist.analysis import format_text, report, run_analysis
     from hvae_dist.files import write_text_atomic
 
-    _show(["analyze", str(scores), "--in-dist", in_dist, "--out", str(out)])
-    result = run_analysis(scores, in_dist)
+    _show(["analyze", str(scores), "--in-dist", in_dist, "--out", str(out)]
+          + (["--ensemble", *map(str, ensemble)] if ensemble else []))
+    result = run_analysis(scores, in_dist, ensemble=ensemble)
     written = report(result, out)
     print(format_text(result))
     if note:
