@@ -38,6 +38,8 @@ def run_ensemble(out: str | Path, seeds: int, config: str = "tiny", steps: int =
             trained = stages.train(run_dir, None, budget)
         else:
             trained = stages.train(run_dir, config, [*budget, f"train.seed={i}"], overrides)
+        if trained.get("reason") == "signal":      # stopped by SIGTERM / Ctrl-C: the checkpoint is saved, go no further
+            raise SystemExit(128 + int(trained.get("signal", 15)))
         if note := stages.budget_note(trained, steps, minutes):
             notes.append(f"seed {i}: {note}")
         stages.score(run_dir, datasets, scores, iw_samples, max_examples)
