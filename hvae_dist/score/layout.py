@@ -4,6 +4,8 @@ One group per dataset, named "<Name>/<split>" (e.g. "FashionMNIST/test"), N rows
 
     index (N,) int64   elbo, elbo_1, bpd (N,) float64   lk, llr (N, K) float64   kl (N, L) float64
     [complexity_png, complexity_zlib (N,) float64 with --complexity]    complete (N,) bool (shard files)
+    [elbo_refit, likelihood_regret (N,) float64 with --likelihood-regret; grad_norm (N, G) float64 with
+     --gradients: `BASELINE_FIELDS`, documented in score.baseline_fields]
 
 Root attributes: `IDENTITY_ATTRS` (the settings a resumed shard and a merge must agree on) plus
 model_checkpoint, package_version, config, created, shard / num_shards in shard files and
