@@ -7,7 +7,7 @@
 # WAIC over the SEEDS runs and 1000 bootstrap resamples.
 set -euo pipefail
 IN=$1 OOD=$2 OUT=${3:-runs/comparison}/$1
-STEPS=${STEPS:-500} WARM=${WARM:-200} SEEDS=${SEEDS:-2} N=${N:-200} S=${S:-16} LR_STEPS=${LR_STEPS:-20}
+STEPS=${STEPS:-300} WARM=${WARM:-100} SEEDS=${SEEDS:-2} N=${N:-200} S=${S:-16} LR_STEPS=${LR_STEPS:-20}
 HVAE=${HVAE:-.venv/bin/hvae}
 VAL="[\"$IN:validation\"]"
 $HVAE ensemble --seeds "$SEEDS" --out "$OUT" --steps "$STEPS" --datasets "$IN:train" "$IN:test" "$OOD:test" \
