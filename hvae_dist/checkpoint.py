@@ -154,9 +154,80 @@ def save_checkpoint(state: dict, run_dir: str | Path, keep_last: int = 3) -> Pat
     atomic_torch_save(state, ckdir / LATEST)
     if keep_last > 0:
         older = [p for p in list_checkpoints(run_dir) if step_of(p) < step]
-        for old in older[:max(0, len(older) - (keep_last - 1))]:
+        pruned = older[:max(0, len(older) - (keep_last - 1))]
+        warn_scored(run_dir, pruned, keep_last)
+        for old in pruned:
             old.unlink(missing_ok=True)
     return numbered
+
+
+SCORED_LOG = "score-files.jsonl"
+"""RUN_DIR/score-files.jsonl: a line per score file written from this run's checkpoints (`record_scored`), so
+that `keep_last` pruning can say which score files lose their checkpoint."""
+
+
+def record_scored(run_dir: str | Path, checkpoint_file: str, step: int | None, score_file: str | Path) -> str | None:
+    """Append {"checkpoint_file", "checkpoint_step", "score_file"} to RUN_DIR/score-files.jsonl (once per
+    score file and checkpoint). Returns a one-line note when the run dir cannot be written (the scores do not
+    depend on it), else None."""
+    import json
+
+    path = Path(run_dir) / SCORED_LOG
+    line = json.dumps({"checkpoint_file": checkpoint_file, "checkpoint_step": step,
+                       "score_file": str(Path(score_file).resolve())}, sort_keys=True)
+    try:
+        if path.is_file() and line in path.read_text().splitlines():
+            return None
+        with open(path, "a") as f:
+            f.write(line + "\n")
+    except OSError as e:
+        return f"cannot record the score file in {path} ({e.strerror or e}); keep_last pruning will not warn about it"
+    return None
+
+
+def scored_checkpoints(run_dir: str | Path) -> dict[str, list[str]]:
+    """checkpoint file name -> score files (that still exist) recorded in RUN_DIR/score-files.jsonl."""
+    import json
+
+    path = Path(run_dir) / SCORED_LOG
+    found: dict[str, list[str]] = {}
+    try:
+        lines = path.read_text().splitlines() if path.is_file() else []
+    except OSError:
+        return found
+    for line in lines:
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            continue
+        name, score = entry.get("checkpoint_file"), entry.get("score_file")
+        if isinstance(name, str) and isinstance(score, str) and Path(score).exists():
+            found.setdefault(name, []).append(score)
+    return found
+
+
+def warn_scored(run_dir: str | Path, pruned: list[Path], keep_last: int) -> None:
+    """A RuntimeWarning for each checkpoint about to be pruned that a score file names (`record_scored`)."""
+    if not pruned:
+        return
+    scored = scored_checkpoints(run_dir)
+    for p in pruned:
+        if p.name in scored:
+            files = scored[p.name]
+            warnings.warn(f"removing {p} (train.keep_last={keep_last}), the checkpoint of {len(files)} score file(s) "
+                          f"(e.g. {files[0]}); copy it elsewhere first to keep those scores reproducible, or raise "
+                          "train.keep_last", RuntimeWarning, stacklevel=3)
+
+
+def numbered_twin(path: str | Path, step: int | None) -> str:
+    """The name of the numbered checkpoint that `path` is: itself when numbered; for latest.pt, the step-N.pt of
+    its step N (`save_checkpoint` writes both from one state; their bytes differ only in torch's archive names),
+    "" when that file does not exist (pruned, or the run was copied without it)."""
+    path = Path(path)
+    if step_of(path) is not None:
+        return path.name
+    twin = path.parent / f"step-{step}.pt"
+    return twin.name if step is not None and twin.is_file() else ""
 
 
 def list_checkpoints(run_dir: str | Path) -> list[Path]:
@@ -325,8 +396,9 @@ def set_aside(paths: list[Path], run_dir: str | Path) -> Path | None:
 
 
 def load_model_for_eval(run_dir: str | Path, checkpoint: str | Path | None = None, use_ema: bool = True,
-                        map_location: str | torch.device = "cpu"):
-    """(model in eval mode, Config, checkpoint path) of a run dir; the EMA weights when present and asked for.
+                        map_location: str | torch.device = "cpu", with_step: bool = False):
+    """(model in eval mode, Config, checkpoint path) of a run dir; the EMA weights when present and asked for;
+    with `with_step`, (model, Config, path, the checkpoint's training step) (`step`, None when absent).
 
     Without `checkpoint`, latest.pt and nothing else: when it is missing or broken the error names the
     numbered checkpoints that exist and `--checkpoint`, which picks one.
@@ -352,4 +424,7 @@ def load_model_for_eval(run_dir: str | Path, checkpoint: str | Path | None = Non
     model = build_model(cfg.model)
     weights = state["ema"] if (use_ema and state.get("ema") is not None) else state["model"]
     model.load_state_dict(weights)
+    if with_step:
+        step = state.get("step")
+        return model.eval(), cfg, path, (int(step) if isinstance(step, int) else None)
     return model.eval(), cfg, path

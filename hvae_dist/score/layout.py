@@ -5,6 +5,11 @@ One group per dataset, named "<Name>/<split>" (e.g. "FashionMNIST/test"), N rows
     index (N,) int64   elbo, elbo_1, bpd (N,) float64   lk, llr (N, K) float64   kl (N, L) float64
     [complexity_png, complexity_zlib (N,) float64 with --complexity]    complete (N,) bool (shard files)
 
+Since issue 21 a group may also hold `label` (N,) int64 (the row's class, -1 unknown) and, for a folder
+of images, `path` (N,) fixed-length bytes (the image's path relative to the folder); a file dataset's group
+has attributes `source` (the full path, with #KEY) and `source_sha256` (its content hash), and `index` is the
+position in the source split (a random subset is sparse; `source_sizes` gives the split's rows).
+
 Root attributes: `IDENTITY_ATTRS` (the settings a resumed shard and a merge must agree on) plus
 model_checkpoint, package_version, config, created, shard / num_shards in shard files and
 merged_shards in scores.h5. JSON_ATTRS are stored as JSON strings and read back parsed.
@@ -32,11 +37,17 @@ FORMAT_VERSION = 2
 READABLE_FORMATS = (1, FORMAT_VERSION)
 CHUNK_ROWS = 1024
 IDENTITY_ATTRS = ("format_version", "model_sha256", "iw_samples", "iw_samples_lk", "ks", "seed", "dtype", "ema",
-                  "binarize", "num_layers", "datasets", "dataset_sizes", "complexity")
+                  "binarize", "num_layers", "datasets", "dataset_sizes", "complexity", "source_sha256")
 SHARD_ATTRS = ("shard", "num_shards")
 VALUE_FIELDS = ("elbo", "elbo_1", "lk", "llr", "kl", "bpd")
 REQUIRED_FIELDS = ("index", *VALUE_FIELDS)
-JSON_ATTRS = ("config", "datasets", "dataset_sizes", "complexity")
+JSON_ATTRS = ("config", "datasets", "dataset_sizes", "complexity", "source_sizes", "source_sha256", "row_selection")
+PROVENANCE_ATTRS = ("checkpoint_step", "checkpoint_file", "source_sizes", "source_sha256", "row_selection")
+"""Root attributes of issue 21 (absent in older files, which stay readable): the checkpoint's training step and
+the numbered checkpoint file it equals (latest.pt is rewritten by more training), the rows of each source split
+(`index` is a position in it), each file dataset's content hash, and how the rows were chosen."""
+LABEL_UNKNOWN = -1
+"""The `label` of a row whose class is unknown (per-row `label` int64; folders also store `path`)."""
 
 
 def file_sha256(path: str | Path, block: int = 1 << 22) -> str:
@@ -99,6 +110,16 @@ def check_attrs(path: Path, attrs: dict) -> dict:
         raise ScoreFileError(f"{path}: root attribute 'ks' is {ks} but num_layers is {layers}; each k must be in "
                              f"0..{layers - 1}")
     return {**attrs, "ks": ks}
+
+
+def index_space(attrs: dict, group: str) -> int | None:
+    """The rows of `group`'s source split (indices lie in 0..space-1): `source_sizes`, else (older files, or a
+    job that scores every row or the first N) `dataset_sizes`; None when neither is stored."""
+    for key in ("source_sizes", "dataset_sizes"):
+        sizes = attrs.get(key)
+        if isinstance(sizes, dict) and isinstance(sizes.get(group), int):
+            return int(sizes[group])
+    return None
 
 
 def check_index(path: Path, group: str, index: np.ndarray, size: int | None = None) -> None:

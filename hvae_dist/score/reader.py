@@ -23,7 +23,15 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from hvae_dist.errors import ScoreFileError
-from hvae_dist.score.layout import REQUIRED_FIELDS, check_attrs, check_index, open_h5, read_attrs, read_checked
+from hvae_dist.score.layout import (
+    REQUIRED_FIELDS,
+    check_attrs,
+    check_index,
+    index_space,
+    open_h5,
+    read_attrs,
+    read_checked,
+)
 
 
 class ScoreFile(NamedTuple):
@@ -124,9 +132,7 @@ def _validate_group(path: Path, name: str, data: dict[str, np.ndarray], attrs: d
     if data["kl"].ndim != 2 or data["kl"].shape[0] != n or (layers is not None and data["kl"].shape[1] != layers):
         raise ScoreFileError(f"{path}: '{name}/kl' has shape {data['kl'].shape}, expected ({n}, "
                              f"{'L' if layers is None else layers})")
-    sizes = attrs.get("dataset_sizes")
-    size = sizes.get(name) if isinstance(sizes, dict) else None
-    check_index(path, name, data["index"], int(size) if isinstance(size, int) else None)
+    check_index(path, name, data["index"], index_space(attrs, name))
     for key, value in data.items():
         if key not in REQUIRED_FIELDS and value.shape[:1] != (n,):
             raise ScoreFileError(f"{path}: extra dataset '{name}/{key}' has shape {value.shape}, expected ({n}, ...)")
