@@ -78,7 +78,8 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     dataset: str = "FashionMNIST"
-    """Training set name (see `hvae_dist.data.DATASET_NAMES`)."""
+    """Training set name (see `hvae_dist.data.DATASET_NAMES`), or a path to your own data (its `train` split,
+    the first 90% of the rows, is trained on; `hvae_dist/data/specs.py`)."""
     root: str | None = None
     """Folder with torchvision's files; unset: the offline sources of this package."""
     download: bool = False
@@ -438,8 +439,9 @@ def validate(cfg: Config) -> None:
         _check_positive("data.max_train_examples", d.max_train_examples)
     _check_positive("data.num_workers", d.num_workers, allow_zero=True)
     for spec in d.val_datasets:
-        if not isinstance(spec, str) or spec.count(":") != 1:
-            raise ConfigError(f"config key 'data.val_datasets': {spec!r} must look like NAME:SPLIT")
+        if not isinstance(spec, str) or (spec.count(":") != 1 and not any(c in spec for c in "/.~")):
+            raise ConfigError(f"config key 'data.val_datasets': {spec!r} must look like NAME:SPLIT or be a path to "
+                              "your data (PATH[:SPLIT], hvae_dist/data/specs.py)")
     repeated = sorted({s for s in d.val_datasets if d.val_datasets.count(s) > 1})
     if repeated:
         raise ConfigError(f"config key 'data.val_datasets': {', '.join(repeated)} appears more than once")

@@ -49,6 +49,8 @@ def build_html(result: Analysis, figures: dict[str, Any]) -> str:
     facts = [("score file", str(result.score_file)), ("in-distribution (negatives)", result.in_group),
              ("OOD sets (positives)", ", ".join(result.ood_groups))]
     facts += [(k, str(a[k])) for k in ("model_checkpoint", "iw_samples", "ks", "seed", "created") if k in a]
+    if isinstance(a.get("checkpoint_step"), int) and a["checkpoint_step"] >= 0:
+        facts.append(("checkpoint step", f"{a['checkpoint_step']} ({a.get('checkpoint_file') or 'no numbered file'})"))
     if result.background_file:
         facts.append(("background score file", str(result.background_file)))
     signs = "".join(f"<tr><td>{e(s.label)}</td><td><code>{e(s.id)}</code></td><td>{e(s.meaning)}</td></tr>"

@@ -101,6 +101,8 @@ def format_markdown(result: Analysis) -> str:
     for key in ("model_checkpoint", "iw_samples", "ks", "seed", "created"):
         if key in a:
             lines.append(f"- {key}: {a[key]}")
+    if checkpoint_line(a):
+        lines.append(f"- checkpoint: {checkpoint_line(a)}")
     lines += ["- negatives (label 0): in-distribution; positives (label 1): OOD; FPR80 = FPR at TPR >= 0.8", "",
               "| OOD | score | AUROC | AUPRC | FPR80 | n in-dist | n OOD |", "|---|---|---:|---:|---:|---:|---:|"]
     for r in result.rows:
@@ -149,7 +151,8 @@ def write_tables(result: Analysis, out: Path) -> list[Path]:
     w.writerows({**r, "in_dist": _csv_text(r["in_dist"]), "ood": _csv_text(r["ood"])} for r in result.rows)
     write_text_atomic(csv_path, table.getvalue())
     meta = {k: result.attrs[k] for k in ("model_checkpoint", "model_sha256", "iw_samples", "ks", "seed", "created",
-                                         "format_version", "package_version") if k in result.attrs}
+                                         "format_version", "package_version", "checkpoint_step", "checkpoint_file",
+                                         "row_selection") if k in result.attrs}
     doc = {"score_file": str(result.score_file), "in_dist": result.in_group, "ood": result.ood_groups,
            "background_file": str(result.background_file) if result.background_file else None,
            "typicality_reference": result.typicality_ref, "attrs": meta,
@@ -158,3 +161,13 @@ def write_tables(result: Analysis, out: Path) -> list[Path]:
            "rows": result.rows}
     write_text_atomic(js, json.dumps(doc, indent=2) + "\n")
     return [md, csv_path, js]
+
+
+def checkpoint_line(attrs: dict) -> str:
+    """"step 3188 (step-3188.pt)" from a score file's `checkpoint_step` / `checkpoint_file` (issue 21), "" for
+    older files that lack them."""
+    step = attrs.get("checkpoint_step")
+    if not isinstance(step, int) or step < 0:
+        return ""
+    name = attrs.get("checkpoint_file")
+    return f"step {step}" + (f" ({name})" if name else " (no numbered checkpoint file of that step was found)")

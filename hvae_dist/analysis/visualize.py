@@ -63,7 +63,7 @@ def visualize_run(run_dir: str | Path, datasets: Sequence[str], out: str | Path 
     OUT/reconstructions.png (OUT defaults to RUN_DIR/visualize). Returns the PNG's path."""
     from hvae_dist.checkpoint import load_model_for_eval
     from hvae_dist.config import check_int_range
-    from hvae_dist.data import check_image_shape, get_dataset, group_name, parse_dataset_spec
+    from hvae_dist.data import check_image_shape, open_dataset, parse_specs
     from hvae_dist.errors import ConfigError
 
     if examples < 1:
@@ -73,14 +73,13 @@ def visualize_run(run_dir: str | Path, datasets: Sequence[str], out: str | Path 
     if bad:
         raise ConfigError(f"--temperatures {' '.join(map(str, bad))}: each temperature scales the prior's standard "
                           "deviation, so give finite numbers >= 0 (0: the prior modes)")
-    model, cfg, ckpt = load_model_for_eval(run_dir, checkpoint, use_ema)
+    model, cfg, ckpt, step = load_model_for_eval(run_dir, checkpoint, use_ema, with_step=True)
     images = {}
-    for spec in datasets:
-        name, split = parse_dataset_spec(spec)
-        ds = get_dataset(name, split, data_root or cfg.data.root, False, examples)
-        check_image_shape(f"dataset {name}:{split}", ds.shape, model.input_shape, "the model takes")
-        images[group_name(f"{name}:{split}")] = np.asarray(ds.images)
+    for spec in parse_specs(datasets):
+        ds = open_dataset(spec, data_root or cfg.data.root, False, max_examples=examples)
+        check_image_shape(f"dataset {spec}", ds.shape, model.input_shape, "the model takes")
+        images[spec.group] = np.asarray(ds.images)
     grid = reconstruction_grid(model, images, cfg.data.binarize, seed, temperatures)
     target = Path(out) if out else Path(run_dir) / "visualize"
-    title = f"{Path(run_dir).name}: {cfg.model.type}, {Path(ckpt).name}"
+    title = f"{Path(run_dir).name}: {cfg.model.type}, {Path(ckpt).name}" + (f", step {step}" if step is not None else "")
     return write_grid_png(grid, target / "reconstructions.png", title)

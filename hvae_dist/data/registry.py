@@ -402,6 +402,7 @@ class LazyVariants:
         return np.ascontiguousarray(images, dtype=np.uint8)
 
     def __array__(self, dtype=None, copy=None):
+        _check_variant_size("-".join(["images", *self.tokens]), "all rows", self.base.shape, self.tokens)
         a = self[np.arange(len(self))]
         return a if dtype is None else a.astype(dtype)
 

@@ -195,7 +195,7 @@ def run_score_job(job: ScoreJob) -> Path:
     lock = lock_shard(path)
     try:
         with ShardWriter.open(path, attrs, specs) as writer:
-            if attrs["checkpoint_file"] and not job.arrays:
+            if attrs["checkpoint_file"]:
                 note = record_scored(job.run_dir, attrs["checkpoint_file"], step, path)
                 if note:
                     print(f"hvae score: note: {note}", file=sys.stderr, flush=True)

@@ -37,7 +37,7 @@ from hvae_dist.checkpoint import (
     step_of,
 )
 from hvae_dist.config import Config
-from hvae_dist.data import get_dataset, parse_dataset_spec, perturb, preprocess_batch
+from hvae_dist.data import open_dataset, perturb, preprocess_batch
 from hvae_dist.distributed import World
 from hvae_dist.errors import TrainingDivergedError
 from hvae_dist.model import HierarchicalVAE, build_model
@@ -103,8 +103,8 @@ class Trainer:
         t = cfg.train
         self.plan = plan if plan is not None else check_run(cfg, world)   # the run's one validation
         self.local_batch = t.batch_size // world.world_size
-        name, split = parse_dataset_spec(f"{cfg.data.dataset}:train")
-        self.train_set = get_dataset(name, split, cfg.data.root, cfg.data.download, cfg.data.max_train_examples)
+        self.train_set = open_dataset(f"{cfg.data.dataset}:train", cfg.data.root, cfg.data.download,
+                                      max_examples=cfg.data.max_train_examples)
         self.images = torch.from_numpy(np.array(self.train_set.images))  # writable copy  # N, C, H, W uint8
         if cfg.model.input_shape is None:
             cfg.model = replace(cfg.model, input_shape=list(self.plan.input_shape))

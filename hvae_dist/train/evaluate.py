@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from hvae_dist.config import Config
-from hvae_dist.data import get_dataset, group_name, parse_dataset_spec
+from hvae_dist.data import open_dataset, parse_spec
 from hvae_dist.estimators.detection import auroc
 from hvae_dist.estimators.reconstructions import reconstruction_grid
 from hvae_dist.estimators.rows import default_batch_size, resolve_sample_chunk
@@ -79,9 +79,9 @@ def validation_scalars(model: HierarchicalVAE, cfg: Config, device: torch.device
     scorer = IWScorer(model, ScoreSettings(iw_samples=t.eval_iw_samples, ks=ks, seed=t.seed,
                                            binarize=cfg.data.binarize, sample_chunk=sample_chunk), device)
     for spec in cfg.data.val_datasets:
-        name, split = parse_dataset_spec(spec)
-        group = group_name(f"{name}:{split}")
-        ds = get_dataset(name, split, cfg.data.root, cfg.data.download, t.eval_examples)
+        parsed = parse_spec(spec)
+        group = parsed.group
+        ds = open_dataset(parsed, cfg.data.root, cfg.data.download, max_examples=t.eval_examples)
         images = torch.from_numpy(np.array(ds.images))
         parts = [scorer.score_batch(images[a:a + batch_size], torch.arange(a, min(a + batch_size, len(ds))),
                                     group) for a in range(0, len(ds), batch_size)]
@@ -135,8 +135,8 @@ def image_grids(model: HierarchicalVAE, cfg: Config, device: torch.device, batch
     pairs = torch.stack([x.float(), recon.float()], dim=1).flatten(0, 1)
     images = {}
     for spec in cfg.data.val_datasets:
-        name, split = parse_dataset_spec(spec)
-        images[group_name(f"{name}:{split}")] = get_dataset(name, split, cfg.data.root, False, GRID_EXAMPLES).images
+        parsed = parse_spec(spec)
+        images[parsed.group] = open_dataset(parsed, cfg.data.root, False, max_examples=GRID_EXAMPLES).images
     grid = reconstruction_grid(model, images, cfg.data.binarize, cfg.train.seed, device=device)
     model.train(was_training)
     return {"samples/prior": make_grid(samples.float().cpu(), nrow=8),
