@@ -147,7 +147,7 @@ def _write_table(out: Path, rows: list[dict], minutes: float, iw_samples: int, m
     head = ["trained on", "OOD (paper)", "OOD (ours)", "k", "paper AUROC LLR>k", "ours AUROC LLR>k",
             "ours AUROC -ELBO", "ours best k (AUROC)", "note"]
     lines = [f"# The paper's table, ours beside it ({minutes:g} min of training per model, S = {iw_samples}, "
-             f"first {max_examples} examples per set)", "", "| " + " | ".join(head) + " |",
+             f"{max_examples} examples per set, a seeded subset stratified by class)", "", "| " + " | ".join(head) + " |",
              "|" + "---|" * len(head)]
     for r in rows:
         best = f"{r['ours_best_k']} ({_fmt(r['ours_best_auroc'])})" if r["ours_best_k"] is not None else "—"

@@ -98,7 +98,7 @@ def add_score_arguments(p, *, submit: str | None = None) -> None:
                         "are known (the same rows for the same --seed and N; default: all)")
     p.add_argument("--first", type=int, default=None, metavar="N",
                    help="score only the first N examples of each dataset (the behaviour of --max-examples before "
-                        "issue 21); excludes --max-examples")
+                        "issue 21); excludes --max-examples (default: all, or the subset of --max-examples)")
     p.add_argument("--score-batch-size" if pipeline else "--batch-size", dest="batch_size", type=int, default=None,
                    metavar="B", help="examples per batch; does not change the scores (default: 16 on a CPU, 128 on a GPU, more "
                         "when S is small: hvae_dist.estimators.rows)")
