@@ -86,7 +86,7 @@ def validation_scalars(model: HierarchicalVAE, cfg: Config, device: torch.device
         parts = [scorer.score_batch(images[a:a + batch_size], torch.arange(a, min(a + batch_size, len(ds))),
                                     group) for a in range(0, len(ds), batch_size)]
         elbo = np.concatenate([p["elbo"] for p in parts])
-        tag = spec.replace(":", "_")
+        tag = _tag(spec)
         results[f"val/{tag}/elbo"] = float(elbo.mean())
         results[f"val/{tag}/bpd"] = float(bits_per_dim(-elbo.mean(), num_dims))
         entry = {"elbo": elbo}
@@ -110,7 +110,7 @@ def validation_scalars(model: HierarchicalVAE, cfg: Config, device: torch.device
                 results[f"val/active_units/layer{i + 1}"] = float(n)
     in_dist = per_set[cfg.data.val_datasets[0]]
     for spec in cfg.data.val_datasets[1:]:
-        tag = spec.replace(":", "_")
+        tag = _tag(spec)
         n = min(len(in_dist["elbo"]), len(per_set[spec]["elbo"]))
         results[f"val/auroc/{tag}/neg_elbo"] = auroc(-in_dist["elbo"][:n], -per_set[spec]["elbo"][:n])
         for k in ks:
@@ -142,3 +142,10 @@ def image_grids(model: HierarchicalVAE, cfg: Config, device: torch.device, batch
     return {"samples/prior": make_grid(samples.float().cpu(), nrow=8),
             "samples/reconstructions": make_grid(pairs.cpu(), nrow=8),
             "visualize/reconstructions": grid.image}
+
+
+def _tag(spec: str) -> str:
+    """The TensorBoard tag of a validation set: NAME_SPLIT as given for a registry set ("MNIST:validation" ->
+    "MNIST_validation"), the group name for a file dataset ("./x.npy:validation" -> "x.npy_validation")."""
+    parsed = parse_spec(spec)
+    return parsed.group.replace("/", "_") if parsed.is_file else spec.replace(":", "_")
