@@ -39,6 +39,7 @@ Python use::
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -212,9 +213,11 @@ def fields_needed(specs: list[ScoreSpec], figures: bool) -> list[str]:
 
 
 def find_group(path: Path, groups: dict[str, Any], spec: str) -> str:
-    """The group of `groups` that NAME:SPLIT (or NAME/SPLIT) `spec` names; names match case-insensitively, as
-    `hvae score --datasets` takes them (fashionmnist:test is FashionMNIST/test). ScoreFileError otherwise."""
-    wanted = group_name(spec) if ":" in spec or "/" not in spec else spec
+    """The group of `groups` that NAME:SPLIT (or NAME/SPLIT, or a file dataset's spec: its group, `data.specs`)
+    `spec` names; names match case-insensitively, as `hvae score --datasets` takes them (fashionmnist:test is
+    FashionMNIST/test). ScoreFileError otherwise."""
+    path_like = spec.startswith(("/", ".", "~")) or os.path.exists(spec.split("#")[0])   # a file dataset's spec
+    wanted = group_name(spec) if ":" in spec or "/" not in spec or path_like else spec
     if wanted in groups:
         return wanted
     same = [g for g in groups if g.lower() == wanted.lower()]

@@ -29,6 +29,8 @@ SCORE_EXAMPLES = """examples:
   hvae score --run-dir runs/fm --datasets FashionMNIST:test MNIST:test --iw-samples 1000 --out scores/fm
   hvae score --run-dir runs/fm --datasets FashionMNIST:test KMNIST:test --data-root ~/data --out scores/fm \\
       --shard 3 --num-shards 8          # one of 8 shards; then: hvae merge scores/fm
+  hvae score --run-dir runs/fm --datasets FashionMNIST:test ./my_pngs ./x.npy:all-inverted --max-examples 500 \
+      --out scores/mine                 # your own data (a folder of images, .npy / .npz / .h5); 500 rows each
 Re-running the same command resumes its shard. Between runs --batch-size, --sample-chunk, --device,
 --data-root and the progress options may change; the rest is checked against the shard file."""
 

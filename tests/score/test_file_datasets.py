@@ -97,6 +97,9 @@ def test_hf_save_to_disk_dataset(tmp_path, fm):
     ds.save_to_disk(str(tmp_path / "hf"))
     got = open_dataset(str(tmp_path / "hf"))
     assert np.array_equal(got.images[np.arange(N)], images) and np.array_equal(got.labels, labels)
+    ds.to_parquet(str(tmp_path / "x.parquet"))
+    got = open_dataset(str(tmp_path / "x.parquet"))
+    assert np.array_equal(got.images[np.arange(N)], images) and got.source_sha256
 
 
 def test_file_scores_equal_registry_scores_bitwise_and_store_provenance(run_dir, files, fm, tmp_path):
@@ -123,6 +126,8 @@ def test_file_scores_equal_registry_scores_bitwise_and_store_provenance(run_dir,
     assert hvae(["merge", str(tmp_path / "file")]) == 0
     merged = read_groups(tmp_path / "file" / "scores.h5")
     assert merged.groups["pngs/all"]["path"].tolist() == pngs["path"].tolist()
+    assert hvae(["analyze", str(tmp_path / "file" / "scores.h5"), "--in-dist", f"{files}/pngs", "--no-plots"]) == 0
+    assert "- checkpoint: step 1 (step-1.pt)" in (tmp_path / "file" / "analysis" / "metrics.md").read_text()
     logged = [json.loads(x) for x in (run_dir / "score-files.jsonl").read_text().splitlines()]
     assert any(e["checkpoint_file"] == "step-1.pt" for e in logged)
 

@@ -44,7 +44,7 @@ slurm = [pytest.mark.slurm, needs_slurm]
 
 TRAIN_SET = ["--set", "data.max_train_examples=512", "--set", "train.batch_size=32", "--set", "train.eval_every=0",
              "--set", "train.checkpoint_every=10"]
-SCORE_ARGS = ["--datasets", "FashionMNIST:test", "MNIST:test", "--iw-samples", "8", "--max-examples", "48",
+SCORE_ARGS = ["--datasets", "FashionMNIST:test", "MNIST:test", "--iw-samples", "8", "--first", "48",
               "--batch-size", "4"]
 TERMINAL = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE",
             "PREEMPTED")
