@@ -457,4 +457,4 @@ class Trainer:
         if self.world.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             text = json.dumps(self.cfg.to_dict(), indent=2).encode()
-            atomic_write(self.run_dir / "config.json", lambda f: f.write(text), "config")
+            atomic_write(self.run_dir / "config.json", lambda f: f.write(text), "config")   # files.write_atomic

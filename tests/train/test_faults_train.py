@@ -378,7 +378,7 @@ def test_disk_full_while_saving_leaves_no_temp_file_and_one_line_naming_path_and
     assert _train(run6, 8) == 2
     line = _one_line_error(capsys.readouterr().err)
     assert f"cannot write checkpoint {run6 / 'checkpoints' / 'step-8.pt'}: No space left on device" in line
-    assert " free on " in line and "free some space" in line
+    assert " free of " in line and "free some space" in line
     assert not [p for p in (run6 / "checkpoints").iterdir() if p.name.endswith(".tmp")]
     assert _files(run6) == before
     monkeypatch.setattr(ck.torch, "save", real_save)
@@ -403,7 +403,7 @@ def test_a_real_full_disk_while_saving_is_one_line_and_leaves_no_temp_file(small
     assert _train(run, 2) == 2
     line = _one_line_error(capsys.readouterr().err)
     assert f"cannot write checkpoint {run / 'checkpoints' / 'step-2.pt'}: No space left on device (" in line, line
-    assert " KiB free on " in line
+    assert " KiB free of " in line
     assert not [p.name for p in (run / "checkpoints").iterdir()]      # no temp file, no torn checkpoint
     subprocess.run(["mount", "-o", "remount,size=8m", str(small_fs)], check=True)
     assert _train(run, 2) == 0 and th.latest(run)["step"] == 2          # the same command, once there is space
