@@ -40,7 +40,7 @@ from hvae_dist.config import Config
 from hvae_dist.data import get_dataset, parse_dataset_spec, perturb, preprocess_batch
 from hvae_dist.distributed import World
 from hvae_dist.errors import TrainingDivergedError
-from hvae_dist.model import HierarchicalVAE, build_model
+from hvae_dist.model import HierarchicalModel, build_model
 from hvae_dist.objectives import bits_per_dim, elbo_loss, free_nats_at, kl_warmup_beta, lr_at
 from hvae_dist.signals import StoppedBySignal
 from hvae_dist.train.backends import Backend, make_backend
@@ -111,7 +111,7 @@ class Trainer:
         torch.manual_seed(t.seed)  # parameter init is identical on every rank
         model = build_model(cfg.model)
         self.backend: Backend = make_backend(model, t, world, device, self.plan.deepspeed_config)
-        self.model: HierarchicalVAE = self.backend.raw_model  # type: ignore[assignment]
+        self.model: HierarchicalModel = self.backend.raw_model  # type: ignore[assignment]
         self.ema = EMA(self.model, t.ema_decay) if t.ema_decay > 0 else None
         self.batches_per_epoch = len(self.train_set) // t.batch_size  # the last partial batch is dropped
         self.step, self.epoch, self.batch_in_epoch = 0, 0, 0
