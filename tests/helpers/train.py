@@ -21,6 +21,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from helpers import faults
+
 REPO = Path(__file__).resolve().parents[2]
 PYTHON = sys.executable
 TORCHRUN = str(Path(sys.executable).with_name("torchrun"))
@@ -91,7 +93,9 @@ def command(args: list[str], nproc: int = 1, script: str | None = None) -> list[
 def env(**extra: str) -> dict:
     e = dict(os.environ)
     e.pop("HVAE_DEBUG_NAN_AT_STEP", None)
-    e.update({"OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"})
+    # PYTHONPATH: the repository, and the fault-injection hooks (helpers.faults: HVAE_DEBUG_NAN_AT_STEP)
+    e.update({"OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(faults.INJECT_DIR), str(REPO)]),
+              "PYTHONUNBUFFERED": "1"})
     e.update(extra)
     return e
 
