@@ -189,11 +189,6 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     return state
 
 
-def latest_checkpoint(run_dir: str | Path) -> Path | None:
-    path = checkpoint_dir(run_dir) / LATEST
-    return path if path.exists() else None
-
-
 @dataclass
 class Resumable:
     """The checkpoint a run resumes from, and why each newer candidate was passed over."""

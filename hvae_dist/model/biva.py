@@ -104,7 +104,8 @@ class BIVA(HierarchicalModel):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         if cfg.input_shape is None:
-            raise ConfigError("model.input_shape is not set: build the model after the dataset is known")
+            raise ValueError("model.input_shape is not set: build the model after the dataset is known "
+                             "(build_model(cfg, input_shape))")
         if len(cfg.config_stochastic) < 2:
             raise ConfigError("model.type='biva' needs at least 2 stages (intermediate stages hold z^BU and z^TD, "
                               f"the top stage one latent); model.config_stochastic has {len(cfg.config_stochastic)}")

@@ -30,7 +30,6 @@ import torch
 from torch import Tensor, nn
 
 from hvae_dist.config import ModelConfig
-from hvae_dist.errors import ConfigError
 from hvae_dist.model.common import (
     PRIOR_MODE,
     SAMPLE,
@@ -71,7 +70,8 @@ class HierarchicalVAE(HierarchicalModel):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         if cfg.input_shape is None:
-            raise ConfigError("model.input_shape is not set: build the model after the dataset is known")
+            raise ValueError("model.input_shape is not set: build the model after the dataset is known "
+                             "(build_model(cfg, input_shape))")
         self.cfg = cfg
         self.input_shape = tuple(cfg.input_shape)
         self.type = cfg.type

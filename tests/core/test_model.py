@@ -201,11 +201,11 @@ def test_the_distribution_and_the_likelihood_head_have_distinct_names():
     assert type(build_model(cfg).likelihood) is likelihoods.GaussianLikelihood
 
 
-def test_model_without_input_shape_raises_config_error():
-    from hvae_dist.errors import ConfigError
-    cfg = preset_model_config("tiny")
-    with pytest.raises(ConfigError, match="input_shape"):
+def test_model_without_input_shape_raises_value_error():
+    cfg = preset_model_config("tiny")              # a caller's bug, not the user's: not a ConfigError
+    with pytest.raises(ValueError, match="input_shape") as e:
         build_model(cfg)
+    assert type(e.value) is ValueError
 
 
 def test_wrong_number_of_modes_raises():

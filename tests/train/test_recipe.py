@@ -282,7 +282,7 @@ def test_deepspeed_skips_an_update_whose_later_micro_batch_is_nan_exactly_like_a
     driver.write_text(NAN_DRIVER)
     partial, whole = tmp_path / "partial", tmp_path / "whole"
     _deepspeed(partial, 4, "train.accumulation_steps=2", driver=driver)
-    _deepspeed(whole, 4, "train.accumulation_steps=2", env_extra={engine.NAN_STEP_ENV: "2"})
+    _deepspeed(whole, 4, "train.accumulation_steps=2", env_extra={faults.NAN_ENV: "2"})
     got, want = th.latest(partial), th.latest(whole)
     assert got["counters"]["skipped_total"] == want["counters"]["skipped_total"] == 1
     th.assert_bitwise_equal(got["model"], want["model"], "weights")
