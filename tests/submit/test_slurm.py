@@ -331,7 +331,7 @@ def test_preempted_score_shards_resume_their_files_without_loss_or_duplication(t
     monkeypatch.setenv("HVAE_SCORE_TRACE", str(trace))   # every computed row, appended by every shard
     monkeypatch.setenv("PYTHONPATH", faults.subprocess_env()["PYTHONPATH"])   # the jobs get helpers.faults' hook
     ids, _ = submit("score", "--run-dir", str(trained), "--out", str(out), "--num-shards", "3", "--cpus-per-task",
-                    "1", "--time", "10", "--no-analyze", *SCORE_ARGS, "--score-args", "--sample-chunk 2")
+                    "1", "--time", "10", "--no-analyze", *SCORE_ARGS, "--sample-chunk", "2")
     array = ids["score"]
     n = 48
 
