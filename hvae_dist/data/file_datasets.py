@@ -73,7 +73,7 @@ class _ArrayRows:
         if not len(idx):
             return np.zeros((0, *self.chw), np.uint8)
         if np.all(idx[1:] > idx[:-1]) and idx[-1] - idx[0] + 1 == len(idx):
-            block = np.asarray(self.array[int(idx[0]):int(idx[-1]) + 1])
+            block = np.array(self.array[int(idx[0]):int(idx[-1]) + 1])   # a copy: a memmap's rows are read-only
         else:                                         # h5py reads increasing, distinct indices only
             uniq, inverse = np.unique(idx, return_inverse=True)
             block = np.asarray(self.array[uniq])[inverse]
