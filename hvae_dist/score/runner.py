@@ -7,6 +7,7 @@ shard recomputes no row that was already complete.
 """
 from __future__ import annotations
 
+import math
 import os
 import sys
 import time
@@ -17,7 +18,7 @@ import numpy as np
 import torch
 
 from hvae_dist import __version__
-from hvae_dist.checkpoint import load_model_for_eval
+from hvae_dist.checkpoint import load_for_eval
 from hvae_dist.config import check_int_range, config_differences, config_from_dict, describe_differences, load_json
 from hvae_dist.data import RootHint, check_image_shape, dataset_shape, get_dataset, group_name, parse_dataset_spec
 from hvae_dist.distributed import resolve_device
@@ -99,14 +100,35 @@ def check_run_config(run_dir: str | Path, ckpt_path: str | Path, cfg) -> None:
             "(--checkpoint) or the run dir it belongs to (--run-dir)")
 
 
+def score_log_path(shard_path: Path) -> Path:
+    """OUT/score-shard-IIIII-of-NNNNN.log beside the shard: the shard's score lines, appended by every run."""
+    return shard_path.with_name("score-" + shard_path.with_suffix(".log").name)
+
+
+class ScoreLog:
+    """The lines of one shard's scoring: timestamped (UTC), to stderr and appended to `path` (None: stderr only)."""
+
+    def __init__(self, path: Path | None = None, stream=None):
+        self.path, self.stream = path, stream
+
+    def __call__(self, line: str) -> None:
+        stamped = f"{time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime())} {line}"
+        print(stamped, file=self.stream or sys.stderr, flush=True)
+        if self.path is not None:
+            with open(self.path, "a") as f:
+                f.write(stamped + "\n")
+
+
 class ProgressLog:
     """Progress as log lines (for SLURM logs and other non-terminals): rows done / total, rows/s, ETA.
 
-    A line every `every` seconds (checked after each batch) and one at the end.
+    A line every `every` seconds (checked after each batch) and one at the end, each through `say` (default:
+    a timestamped line on `stream`, default stderr).
     """
 
-    def __init__(self, total: int, what: str, every: float, stream=None, clock=time.monotonic):
+    def __init__(self, total: int, what: str, every: float, stream=None, clock=time.monotonic, say=None):
         self.total, self.what, self.every, self.stream, self.clock = total, what, every, stream, clock
+        self.say = say or ScoreLog(None, stream)
         self.done, self.t0 = 0, clock()
         self.last = self.t0
 
@@ -123,13 +145,13 @@ class ProgressLog:
         now = self.clock()
         if now - self.last >= self.every and self.done < self.total:
             self.last = now
-            print(self._line(now), file=self.stream or sys.stderr, flush=True)
+            self.say(self._line(now))
 
     def close(self) -> None:
         if self.total:
             elapsed = max(self.clock() - self.t0, 1e-9)
-            print(f"hvae score: {self.what}: done, {self.done}/{self.total} rows in {_duration(elapsed)}, "
-                  f"{self.done / elapsed:.2f} rows/s", file=self.stream or sys.stderr, flush=True)
+            self.say(f"hvae score: {self.what}: done, {self.done}/{self.total} rows in {_duration(elapsed)}, "
+                     f"{self.done / elapsed:.2f} rows/s")
 
 
 def _duration(seconds: float) -> str:
@@ -150,7 +172,7 @@ def run_score_job(job: ScoreJob) -> Path:
     batch_size = default_batch_size(device, samples) if job.batch_size is None else job.batch_size
     if batch_size < 1:
         raise ConfigError(f"--batch-size must be >= 1, got {batch_size}")
-    model, cfg, ckpt_path = load_model_for_eval(job.run_dir, job.checkpoint, job.use_ema)
+    model, cfg, ckpt_path, ckpt_step = load_for_eval(job.run_dir, job.checkpoint, job.use_ema)
     check_run_config(job.run_dir, ckpt_path, cfg)
     model.to(device)
     settings = replace(job.settings, binarize=cfg.data.binarize).resolved(model.num_layers)
@@ -176,7 +198,7 @@ def run_score_job(job: ScoreJob) -> Path:
     methods = list(COMPLEXITY_METHODS) if job.complexity else []
     attrs = {
         "format_version": FORMAT_VERSION, "model_checkpoint": str(Path(ckpt_path).resolve()),
-        "model_sha256": file_sha256(ckpt_path), "iw_samples": settings.iw_samples,
+        "model_sha256": file_sha256(ckpt_path), "model_step": ckpt_step, "iw_samples": settings.iw_samples,
         "iw_samples_lk": settings.iw_samples_lk, "ks": settings.ks, "seed": settings.seed,
         "dtype": settings.precision, "ema": bool(job.use_ema), "binarize": settings.binarize,
         "num_layers": model.num_layers, "datasets": groups, "dataset_sizes": plan.sizes,
@@ -208,11 +230,13 @@ def _score_rows(job: ScoreJob, writer: ShardWriter, scorer: IWScorer, data: dict
     pending = {g: writer.pending(g) for g in groups}
     todo, rows = sum(len(p) for p in pending.values()), sum(hi - lo for lo, hi in map(plan.range, groups))
     chunk = scorer.chunk_for(batch_size)
-    print(f"hvae score: shard {plan.shard} of {plan.num_shards}: {todo} of {rows} rows to score "
-          f"(S={settings.iw_samples}, ks={settings.ks}, device={scorer.device}, batch {batch_size} x sample chunk "
-          f"{chunk} = {batch_size * chunk} rows per pass) -> {writer.path}", file=sys.stderr, flush=True)
+    say = ScoreLog(score_log_path(Path(writer.path)))
+    say(f"hvae score: shard {plan.shard} of {plan.num_shards}: {todo} of {rows} rows to score "
+        f"(S={settings.iw_samples}, ks={settings.ks}, device={scorer.device}, batch {batch_size} x sample chunk "
+        f"{chunk} = {batch_size * chunk} rows per pass) -> {writer.path}")
     show = job.progress if job.progress is not None else sys.stderr.isatty()
-    log = None if show else ProgressLog(todo, f"shard {plan.shard} of {plan.num_shards}", job.log_every)
+    # On a terminal the bar shows progress, and only the closing line is logged.
+    log = ProgressLog(todo, f"shard {plan.shard} of {plan.num_shards}", math.inf if show else job.log_every, say=say)
     with tqdm(total=todo, unit="ex", desc=f"shard {plan.shard}/{plan.num_shards}", file=sys.stderr,
               disable=not show, dynamic_ncols=True, smoothing=0.05) as bar:
         for g in groups:
@@ -227,7 +251,5 @@ def _score_rows(job: ScoreJob, writer: ShardWriter, scorer: IWScorer, data: dict
                 _trace(g, idx)
                 writer.write(g, rows_b, values)
                 bar.update(len(rows_b))
-                if log is not None:
-                    log.update(len(rows_b))
-    if log is not None:
-        log.close()
+                log.update(len(rows_b))
+    log.close()
