@@ -24,6 +24,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from hvae_dist.estimators import names
+
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
@@ -190,7 +192,8 @@ def tensorboard_dir(path: str | Path) -> Path:
 
 def write_tensorboard(path: str | Path, result: Analysis, markdown: str, figures: dict[str, Figure],
                       step: int = 0) -> Path:
-    """Log the metrics table (text), the figures and every metric (scalar `ood/<METRIC>/<OOD>/<score id>`)."""
+    """Log the metrics table (text), the figures and every metric (scalar `ood/<metric>/<OOD>/<score id>`,
+    `estimators.names.metric_key`)."""
     from torch.utils.tensorboard import SummaryWriter
 
     log_dir = tensorboard_dir(path)
@@ -201,7 +204,7 @@ def write_tensorboard(path: str | Path, result: Analysis, markdown: str, figures
             writer.add_figure(f"ood/{file_stem(result.in_group)}/{name}", fig, global_step=step, close=False)
         for r in result.rows:
             for metric in ("auroc", "auprc", "fpr80"):
-                writer.add_scalar(f"ood/{metric.upper()}/{file_stem(r['ood'])}/{r['score']}", r[metric],
+                writer.add_scalar(names.metric_key("ood", metric, file_stem(r["ood"]), r["score"]), r[metric],
                                   global_step=step)
     finally:
         writer.close()

@@ -193,7 +193,7 @@ def test_to_dataframe_needs_pandas_or_says_so(score_file: Path):
             to_dataframe(score_file)
     else:
         df = to_dataframe(score_file)
-        assert len(df) == 40 + 30 + 50 + 35 and {"llr_1", "lk_2", "kl_3"} <= set(df.columns)
+        assert len(df) == 40 + 30 + 50 + 35 and {"llr1", "lk2", "kl3"} <= set(df.columns)
 
 
 # ------------------------------------------------------------------------------------------- complexity

@@ -9,6 +9,7 @@ import pytest
 
 from helpers.score import make_run_dir, score_args
 from hvae_dist.cli import main as hvae
+from hvae_dist.estimators import names
 
 STEP = 222
 
@@ -53,5 +54,24 @@ def test_analyze_tensorboard_writes_at_the_checkpoints_step_and_the_report_shows
     acc.Reload()
     tags = acc.Tags()["scalars"]
     assert tags and all(e.step == STEP for tag in tags for e in acc.Scalars(tag))
+    assert names.metric_key("ood", "auroc", "MNIST_test", names.llr(1)) == "ood/auroc/MNIST_test/llr1"
+    assert {"ood/auroc/MNIST_test/llr1", "ood/fpr80/MNIST_test/nll"} <= set(tags)
     assert f"(checkpoint step {STEP})</h1>" in (tmp_path / "a" / "report.html").read_text()
     assert f"- model_step: {STEP}" in (tmp_path / "a" / "metrics.md").read_text()
+
+
+def test_to_dataframe_has_one_column_per_score_under_the_one_name(scored):
+    import numpy as np
+    import pandas as pd
+
+    from hvae_dist.score.reader import read_scores, to_dataframe
+
+    _, out = scored
+    df = to_dataframe(out / "scores.h5")
+    groups, attrs = read_scores(out / "scores.h5")
+    assert isinstance(df, pd.DataFrame) and len(df) == 14
+    assert {"group", "dataset", "split", "index", "elbo", "bpd", "llr1", "llr2", "lk1", "kl1", "kl3"} <= set(df.columns)
+    mnist = df[df.group == "MNIST/test"].sort_values("index")
+    np.testing.assert_array_equal(mnist["llr1"].to_numpy(), groups["MNIST/test"]["llr"][:, 0])
+    np.testing.assert_array_equal(mnist["kl3"].to_numpy(), groups["MNIST/test"]["kl"][:, 2])
+    assert list(attrs["ks"]) == [1, 2]
