@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import base64
 import html
-import io
 from typing import Any
 
 from hvae_dist.analysis.metrics import Analysis
@@ -21,9 +20,9 @@ code { background: #f3f3f3; padding: 0 3px; }
 
 
 def _png_data_uri(fig: Any, dpi: int = 110) -> str:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=dpi)
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+    from hvae_dist.analysis.plots import figure_png
+
+    return "data:image/png;base64," + base64.b64encode(figure_png(fig, dpi)).decode("ascii")
 
 
 def _metrics_table(result: Analysis) -> str:

@@ -25,9 +25,10 @@ def grid_figure(grid: ReconstructionGrid, title: str = ""):
 
     img = grid.image.permute(1, 2, 0).numpy()                              # H', W', C
     rows, cols, _, h, w = grid.cells.shape
-    fig = Figure(figsize=(max(4.0, 0.75 * cols + 1.5), max(3.0, 0.75 * rows + 1.0)))
+    # Constrained layout sizes the margins to the labels (a fixed axes box cut "ST-inverted/test" at the left).
+    fig = Figure(figsize=(max(4.0, 0.75 * cols + 1.5), max(3.0, 0.75 * rows + 1.0)), layout="constrained")
     FigureCanvasAgg(fig)
-    ax = fig.add_axes([0.14, 0.02, 0.84, 0.88])
+    ax = fig.add_subplot()
     ax.imshow(img, interpolation="nearest")
     ax.set_xticks([2 + c * (w + 2) + w / 2 for c in range(cols)], grid.columns, rotation=45, fontsize=8)
     ax.xaxis.tick_top()
@@ -45,7 +46,8 @@ def write_grid_png(grid: ReconstructionGrid, path: str | Path, title: str = "", 
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     try:
-        grid_figure(grid, title).savefig(tmp, dpi=dpi, format="png")
+        # A tight box as well: a label longer than the figure is wide still shows whole.
+        grid_figure(grid, title).savefig(tmp, dpi=dpi, format="png", bbox_inches="tight", pad_inches=0.08)
         tmp.replace(path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -61,7 +63,7 @@ def visualize_run(run_dir: str | Path, datasets: Sequence[str], out: str | Path 
                   use_ema: bool = True, data_root: str | None = None) -> Path:
     """`hvae visualize`: the grid of a run's checkpoint for `datasets` (NAME:SPLIT), written to
     OUT/reconstructions.png (OUT defaults to RUN_DIR/visualize). Returns the PNG's path."""
-    from hvae_dist.checkpoint import load_model_for_eval
+    from hvae_dist.checkpoint import load_for_eval
     from hvae_dist.config import check_int_range
     from hvae_dist.data import check_image_shape, get_dataset, group_name, parse_dataset_spec
     from hvae_dist.errors import ConfigError
@@ -73,7 +75,7 @@ def visualize_run(run_dir: str | Path, datasets: Sequence[str], out: str | Path 
     if bad:
         raise ConfigError(f"--temperatures {' '.join(map(str, bad))}: each temperature scales the prior's standard "
                           "deviation, so give finite numbers >= 0 (0: the prior modes)")
-    model, cfg, ckpt = load_model_for_eval(run_dir, checkpoint, use_ema)
+    model, cfg, ckpt, step = load_for_eval(run_dir, checkpoint, use_ema)
     images = {}
     for spec in datasets:
         name, split = parse_dataset_spec(spec)
@@ -82,5 +84,5 @@ def visualize_run(run_dir: str | Path, datasets: Sequence[str], out: str | Path 
         images[group_name(f"{name}:{split}")] = np.asarray(ds.images)
     grid = reconstruction_grid(model, images, cfg.data.binarize, seed, temperatures)
     target = Path(out) if out else Path(run_dir) / "visualize"
-    title = f"{Path(run_dir).name}: {cfg.model.type}, {Path(ckpt).name}"
+    title = f"{Path(run_dir).name}: {cfg.model.type}, {Path(ckpt).name} (step {step})"
     return write_grid_png(grid, target / "reconstructions.png", title)

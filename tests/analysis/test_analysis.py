@@ -213,3 +213,18 @@ def test_compressed_sizes_are_positive_method_specific_and_track_complexity():
         compressed_size_nats(x.astype(np.float32), "png")
     with pytest.raises(ConfigError):
         compressed_size_nats(x, "gzip")
+
+
+def test_no_figure_cuts_a_title_label_or_legend_of_long_dataset_names(tmp_path):
+    """The issue 24 case: auroc_by_k's title was cut at "(dashed: -ELB"; long names are wrapped or laid out."""
+    from test_visualize import _texts_inside_the_figure
+
+    from helpers.analysis import write_score_file
+    from hvae_dist.analysis.metrics import run_analysis
+    from hvae_dist.analysis.plots import make_figures
+
+    names = {"FashionMNIST-inverted/test": 60, "SmallNORB-28x28-grayscale/test": 50, "MNIST/test": 40}
+    path = write_score_file(tmp_path / "s.h5", names, shifts={"MNIST/test": 1.0})
+    figures = make_figures(run_analysis(path, "FashionMNIST-inverted:test"))
+    assert {"auroc_by_k", "kl_layers", "hist_all", "roc_SmallNORB-28x28-grayscale_test"} <= set(figures)
+    assert {name: problems for name, fig in figures.items() if (problems := _texts_inside_the_figure(fig))} == {}
