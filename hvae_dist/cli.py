@@ -78,7 +78,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The top-level parser; only `command`'s module is imported (all of them when None)."""
     from hvae_dist import __version__
 
-    parser = argparse.ArgumentParser(prog="hvae", description=__doc__.splitlines()[0],
+    # allow_abbrev=False: a sub-command's --local must not read as an abbreviation of --local_rank.
+    parser = argparse.ArgumentParser(prog="hvae", description=__doc__.splitlines()[0], allow_abbrev=False,
                                      epilog="run `hvae COMMAND --help` for a command's options and examples")
     parser.add_argument("--version", action="version", version=f"hvae-dist {__version__}")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, metavar="N",
