@@ -28,7 +28,7 @@ from hvae_dist.estimators.complexity import compressed_size_nats
 from hvae_dist.estimators.rows import default_batch_size
 from hvae_dist.estimators.scorer import IWScorer, ScoreSettings
 from hvae_dist.files import require_folder
-from hvae_dist.score.layout import FORMAT_VERSION, file_sha256
+from hvae_dist.score.layout import FORMAT_VERSION, PRECISION_ATTR, file_sha256
 from hvae_dist.score.plan import ShardPlan
 from hvae_dist.score.writer import GroupSpec, ShardWriter, lock_shard
 from hvae_dist.signals import stop_note
@@ -200,7 +200,7 @@ def run_score_job(job: ScoreJob) -> Path:
         "format_version": FORMAT_VERSION, "model_checkpoint": str(Path(ckpt_path).resolve()),
         "model_sha256": file_sha256(ckpt_path), "model_step": ckpt_step, "iw_samples": settings.iw_samples,
         "iw_samples_lk": settings.iw_samples_lk, "ks": settings.ks, "seed": settings.seed,
-        "dtype": settings.precision, "ema": bool(job.use_ema), "binarize": settings.binarize,
+        PRECISION_ATTR: settings.precision, "ema": bool(job.use_ema), "binarize": settings.binarize,
         "num_layers": model.num_layers, "datasets": groups, "dataset_sizes": plan.sizes,
         "complexity": methods, "package_version": __version__, "config": cfg.to_json(),
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

@@ -75,3 +75,25 @@ def test_to_dataframe_has_one_column_per_score_under_the_one_name(scored):
     np.testing.assert_array_equal(mnist["llr1"].to_numpy(), groups["MNIST/test"]["llr"][:, 0])
     np.testing.assert_array_equal(mnist["kl3"].to_numpy(), groups["MNIST/test"]["kl"][:, 2])
     assert list(attrs["ks"]) == [1, 2]
+
+
+def test_every_dataset_has_units_and_a_description_and_precision_is_named_so(scored):
+    from hvae_dist.score.layout import FIELD_DOCS
+
+    run, out = scored
+    with h5py.File(out / "scores.h5") as f:
+        assert f.attrs["precision"] == "fp32" and "dtype" not in f.attrs
+        seen = []
+        f.visititems(lambda name, obj: seen.append((name, dict(obj.attrs))) if isinstance(obj, h5py.Dataset) else None)
+    assert len(seen) == 2 * 7                                                    # 2 groups x 7 fields
+    for name, attrs in seen:
+        assert attrs["units"] == FIELD_DOCS[name.rsplit("/", 1)[1]][0] and attrs["description"], name
+    assert {a["units"] for n, a in seen} == {"row", "nats", "bits/dim"}
+
+
+def test_a_file_with_the_old_dtype_attribute_reads_it_as_precision(tmp_path):
+    from helpers.analysis import write_score_file
+    from hvae_dist.score.reader import read_scores
+
+    path = write_score_file(tmp_path / "old.h5", {"A/test": 5})                   # writes dtype, as before
+    assert read_scores(path).attrs["precision"] == "float32"
