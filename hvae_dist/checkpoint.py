@@ -16,7 +16,8 @@
 
 Files are written atomically (temp file in the same folder, fsync, rename, fsync of the folder) so a
 crash leaves either the old or the new checkpoint, never a torn one; a failed write (a full disk)
-removes its temp file and raises CheckpointError naming the path and the free space. Loading uses
+removes its temp file and raises CheckpointError naming the path and the free space (`hvae_dist.files`;
+files get mode 0o666 & ~umask: 0644 under umask 022, readable on a shared project folder). Loading uses
 `torch.load(weights_only=True)`: a checkpoint is data, never code. A file that does not load gets a
 reason of our own (empty, truncated, not a checkpoint, refused pickle), never torch's advice to load
 it with `weights_only=False`.
@@ -28,12 +29,9 @@ never deleted. Scoring never falls back: its scores would silently come from ano
 """
 from __future__ import annotations
 
-import errno
 import os
 import pickle
 import re
-import shutil
-import tempfile
 import time
 import warnings
 from collections.abc import Callable
@@ -44,6 +42,7 @@ from typing import Any, BinaryIO, NamedTuple
 import torch
 
 from hvae_dist.errors import CheckpointError
+from hvae_dist.files import describe_os_error, write_atomic
 
 SCHEMA_VERSION = 2
 READABLE_SCHEMAS = (1, 2)   # model weights of these load for evaluation; training resumes SCHEMA_VERSION only
@@ -57,75 +56,18 @@ def checkpoint_dir(run_dir: str | Path) -> Path:
     return Path(run_dir) / "checkpoints"
 
 
-def _free_space(folder: Path) -> str:
-    """'1.2 GiB free' / '0.0 MiB free' of the file system that holds `folder` (or its nearest existing parent)."""
-    while not folder.exists() and folder != folder.parent:
-        folder = folder.parent
-    try:
-        free = shutil.disk_usage(folder).free
-    except OSError:
-        return "free space unknown"
-    if free >= 2**30:
-        return f"{free / 2**30:.1f} GiB free"
-    return f"{free / 2**20:.1f} MiB free" if free >= 2**20 else f"{free / 2**10:.0f} KiB free"
-
-
-class _WriteErrors:
-    """A binary file that remembers the OSError of a failed write: torch's zip writer reports a full disk as
-    a RuntimeError ("unexpected pos ..."), which names neither the cause nor the file."""
-
-    def __init__(self, f: BinaryIO):
-        self.f, self.error = f, None
-
-    def write(self, data) -> int:
-        try:
-            return self.f.write(data)
-        except OSError as e:
-            self.error = e
-            raise
-
-    def __getattr__(self, name: str):
-        return getattr(self.f, name)
-
-
 def atomic_write(path: str | Path, write: Callable[[BinaryIO], None], what: str = "file") -> None:
-    """`write(f)` into a temp file beside `path`, fsync, rename over `path`, fsync the folder.
+    """`write(f)` into a temp file beside `path`, fsync, rename over `path`, fsync the folder
+    (`files.write_atomic`: mode 0o666 & ~umask, 0644 under umask 022).
 
     On any failure the temp file is removed and `path` is untouched; an OSError (a full disk, a read-only
     or vanished folder), also one that torch reports as a RuntimeError, becomes a CheckpointError naming
-    `path` and the free space of its folder.
+    `path` and the free space of its file system (`files.describe_os_error`).
     """
-    path = Path(path)
-    tmp, f = None, None
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        with os.fdopen(fd, "wb") as raw:
-            f = _WriteErrors(raw)
-            write(f)
-            raw.flush()
-            os.fsync(raw.fileno())
-        os.replace(tmp, path)
-        tmp = None
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    except Exception as e:
-        cause = e if isinstance(e, OSError) else (f.error if f is not None else None)
-        if cause is None:
-            raise
-        if tmp is not None and os.path.exists(tmp):
-            os.unlink(tmp)   # before measuring: the free space the user gets back
-            tmp = None
-        hint = "free some space or move the run dir" if cause.errno in (errno.ENOSPC, errno.EDQUOT) else \
-            "check the folder's permissions and file system"
-        raise CheckpointError(f"cannot write {what} {path}: {cause.strerror or cause} ({_free_space(path.parent)} on "
-                              f"{path.parent}); {hint}, then re-run the same command") from e
-    finally:
-        if tmp is not None and os.path.exists(tmp):
-            os.unlink(tmp)
+        write_atomic(path, write)
+    except OSError as e:
+        raise CheckpointError(f"cannot write {what} {describe_os_error(e)}") from e
 
 
 def atomic_torch_save(obj: Any, path: str | Path) -> None:
@@ -245,11 +187,6 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         err.reason = reason
         raise err
     return state
-
-
-def latest_checkpoint(run_dir: str | Path) -> Path | None:
-    path = checkpoint_dir(run_dir) / LATEST
-    return path if path.exists() else None
 
 
 @dataclass

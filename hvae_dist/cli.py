@@ -12,13 +12,12 @@ and exit code 128 + the signal number.
 from __future__ import annotations
 
 import argparse
-import errno
 import importlib
-import shutil
 import signal
 import sys
 import threading
-from pathlib import Path
+
+from hvae_dist.files import describe_os_error, free_space  # noqa: F401  (free_space: re-exported)
 
 # subcommand -> (module, its add-arguments function, its run function, one-line help)
 COMMANDS: dict[str, tuple[str, str, str, str]] = {
@@ -104,35 +103,6 @@ def _innermost(parser: argparse.ArgumentParser, args: argparse.Namespace) -> arg
             break
         parser = children[name]
     return parser
-
-
-def _size(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"
-
-
-def free_space(path: str | Path) -> str:
-    """'X free of Y' on the file system that holds `path` (its nearest existing folder)."""
-    p = Path(path).absolute()
-    while not p.exists() and p != p.parent:
-        p = p.parent
-    try:
-        usage = shutil.disk_usage(p)
-    except OSError:
-        return "free space unknown"
-    return f"{_size(usage.free)} free of {_size(usage.total)}"
-
-
-def describe_os_error(e: OSError) -> str:
-    """One line for an OSError that names a file: the file, what went wrong, the free space there."""
-    reason = e.strerror or str(e)
-    where = f"{e.filename}: {reason} ({free_space(e.filename)} on its file system)"
-    if e.errno in (errno.ENOSPC, errno.EDQUOT):
-        return f"{where}; free some space or write somewhere else, then re-run"
-    return where
 
 
 LOCAL_RANK_FLAGS = ("--local_rank", "--local-rank")

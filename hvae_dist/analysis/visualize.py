@@ -8,6 +8,7 @@ for why the lower latents are what makes the likelihood fail for OOD detection.
 """
 from __future__ import annotations
 
+import io
 import itertools
 import math
 from collections.abc import Sequence
@@ -16,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from hvae_dist.estimators.reconstructions import DEFAULT_TEMPERATURES, ReconstructionGrid, reconstruction_grid
+from hvae_dist.files import write_bytes_atomic
 
 
 def grid_figure(grid: ReconstructionGrid, title: str = ""):
@@ -41,17 +43,11 @@ def grid_figure(grid: ReconstructionGrid, title: str = ""):
 
 
 def write_grid_png(grid: ReconstructionGrid, path: str | Path, title: str = "", dpi: int = 120) -> Path:
-    """Save the labelled grid as a PNG (written to a temp file beside `path`, then renamed)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        # A tight box as well: a label longer than the figure is wide still shows whole.
-        grid_figure(grid, title).savefig(tmp, dpi=dpi, format="png", bbox_inches="tight", pad_inches=0.08)
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    """Save the labelled grid as a PNG (rendered in memory with a tight box, so that a label longer than the
+    figure is wide still shows whole; then `files.write_bytes_atomic`)."""
+    buf = io.BytesIO()
+    grid_figure(grid, title).savefig(buf, dpi=dpi, format="png", bbox_inches="tight", pad_inches=0.08)
+    return write_bytes_atomic(path, buf.getvalue())
 
 
 __all__ = ["DEFAULT_TEMPERATURES", "ReconstructionGrid", "grid_figure", "reconstruction_grid", "visualize_run",

@@ -1,14 +1,9 @@
 """One scoring job: load the model of a run dir, plan this shard's rows, score them batch by batch into
 OUT/shard-IIIII-of-NNNNN.h5, resuming where an earlier run of the same shard stopped.
-
-Debug hook: with HVAE_SCORE_TRACE=FILE every computed row is appended to FILE as "<group> <index>"
-(after the row's values are computed, before they are written), so tests can prove that a resumed
-shard recomputes no row that was already complete.
 """
 from __future__ import annotations
 
 import math
-import os
 import sys
 import time
 from dataclasses import dataclass, field, replace
@@ -32,8 +27,6 @@ from hvae_dist.score.layout import FORMAT_VERSION, PRECISION_ATTR, file_sha256
 from hvae_dist.score.plan import ShardPlan
 from hvae_dist.score.writer import GroupSpec, ShardWriter, lock_shard
 from hvae_dist.signals import stop_note
-
-TRACE_ENV = "HVAE_SCORE_TRACE"
 
 
 @dataclass
@@ -74,13 +67,6 @@ def run_job(job: ScoreJob) -> Path:
     (rows are marked complete only after they are written) and a re-run resumes it. Returns the shard file."""
     with stop_note("the shard file is closed; re-running the same command resumes it"):
         return run_score_job(job)
-
-
-def _trace(rows_group: str, indices: np.ndarray) -> None:
-    path = os.environ.get(TRACE_ENV)
-    if path:
-        with open(path, "a") as f:
-            f.write("".join(f"{rows_group} {int(i)}\n" for i in indices))
 
 
 def check_run_config(run_dir: str | Path, ckpt_path: str | Path, cfg) -> None:
@@ -248,7 +234,6 @@ def _score_rows(job: ScoreJob, writer: ShardWriter, scorer: IWScorer, data: dict
                 values = scorer.score_batch(torch.from_numpy(images), torch.from_numpy(idx), g)
                 for m in methods:
                     values[f"complexity_{m}"] = compressed_size_nats(images, m)
-                _trace(g, idx)
                 writer.write(g, rows_b, values)
                 bar.update(len(rows_b))
                 log.update(len(rows_b))

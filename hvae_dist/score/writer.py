@@ -2,7 +2,7 @@
 
 Crash safety. A shard file is built in memory with every dataset allocated at full size (index filled
 from the plan, values NaN, complete False; chunked, with Fletcher32 checksums, see `score.layout`) and
-written atomically (`score.atomic`: temp file, fsync, rename), so a full disk leaves no file and no
+written atomically (`hvae_dist.files`: temp file, fsync, rename), so a full disk leaves no file and no
 later write changes HDF5 metadata. A batch's values are written and flushed (H5Fflush) *before* its rows' complete
 flags are set and flushed, so after a crash (even SIGKILL) every row flagged complete holds its final
 values and a re-run recomputes at most the batch that was in flight.

@@ -28,7 +28,7 @@ from hvae_dist.estimators.detection import auroc
 from hvae_dist.estimators.reconstructions import reconstruction_grid
 from hvae_dist.estimators.rows import default_batch_size, resolve_sample_chunk
 from hvae_dist.estimators.scorer import IWScorer, ScoreSettings
-from hvae_dist.model import HierarchicalVAE
+from hvae_dist.model import HierarchicalModel
 from hvae_dist.objectives import bits_per_dim
 
 GRID_EXAMPLES = 4
@@ -48,7 +48,7 @@ def active_units(posterior_means: list[torch.Tensor], threshold: float = 0.01) -
     return [int((m.double().var(0) > threshold).sum()) for m in posterior_means]
 
 
-def evaluate(model: HierarchicalVAE, cfg: Config, device: torch.device, batch: torch.Tensor | None = None, *,
+def evaluate(model: HierarchicalModel, cfg: Config, device: torch.device, batch: torch.Tensor | None = None, *,
              batch_size: int | None = None, sample_chunk: int | None = None) -> Evaluation:
     """The validation of `model` (in eval mode; its training mode is restored): `validation_scalars`, and
     the image grids (`batch`: model input (B, C, H, W) for the reconstructions; None: no images).
@@ -62,7 +62,7 @@ def evaluate(model: HierarchicalVAE, cfg: Config, device: torch.device, batch: t
 
 
 @torch.inference_mode()
-def validation_scalars(model: HierarchicalVAE, cfg: Config, device: torch.device, *, batch_size: int | None = None,
+def validation_scalars(model: HierarchicalModel, cfg: Config, device: torch.device, *, batch_size: int | None = None,
                        sample_chunk: int | None = None) -> dict[str, float]:
     """Per validation set ELBO / bpd / LLR>k for every k, and the AUROCs of -ELBO and of LLR>k for every k of
     each OOD set against the first set, on equal-size subsamples (the first n rows of both, n the smaller
@@ -122,7 +122,7 @@ def validation_scalars(model: HierarchicalVAE, cfg: Config, device: torch.device
 
 
 @torch.no_grad()
-def image_grids(model: HierarchicalVAE, cfg: Config, device: torch.device, batch: torch.Tensor) -> dict[str, torch.Tensor]:
+def image_grids(model: HierarchicalModel, cfg: Config, device: torch.device, batch: torch.Tensor) -> dict[str, torch.Tensor]:
     """TensorBoard images (CPU float, (C, H, W)): `samples/prior` (64 prior samples, seeded with train.seed),
     `samples/reconstructions` (the first 32 rows of `batch`, model input, beside their reconstructions) and
     `visualize/reconstructions` (the `hvae visualize` grid of the first GRID_EXAMPLES of every validation set)."""

@@ -23,6 +23,7 @@ from typing import Any
 
 from hvae_dist.checkpoint import SCHEMA_VERSION
 from hvae_dist.config import (
+    REMOVED_KEYS,
     RESUMABLE_DATA_KEYS,
     Config,
     apply_overrides,
@@ -54,7 +55,7 @@ def _read_saved_config(path: Path) -> dict:
 def _resumable(item: str) -> bool:
     """True for a --set that may change on resume: train.*, data.<RESUMABLE_DATA_KEYS>."""
     (section, key), _ = parse_override(item)
-    return section == "train" or (section == "data" and key in RESUMABLE_DATA_KEYS)
+    return section == "train" or (section == "data" and key in RESUMABLE_DATA_KEYS) or f"{section}.{key}" in REMOVED_KEYS
 
 
 def resolve_run_config(run_dir: str | Path, config: str | None = None, overrides: list[str] | tuple = ()) -> Config:

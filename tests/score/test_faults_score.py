@@ -15,6 +15,7 @@ import h5py
 import numpy as np
 import pytest
 
+from helpers import faults
 from helpers.score import REPO, fill_disk, make_run_dir, score_args, small_config, small_tmpfs
 from hvae_dist.cli import HelpFormatter, build_parser
 from hvae_dist.cli import main as hvae
@@ -28,7 +29,7 @@ from hvae_dist.score.reader import read_scores
 from hvae_dist.score.runner import ProgressLog
 
 SHARD = "shard-00000-of-00001.h5"
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+ENV = faults.subprocess_env(OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")   # HVAE_SCORE_TRACE: helpers.faults
 
 
 @pytest.fixture(scope="module")
