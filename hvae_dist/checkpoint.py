@@ -37,7 +37,7 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, NamedTuple
 
 import torch
 
@@ -333,9 +333,25 @@ def set_aside(paths: list[Path], run_dir: str | Path) -> Path | None:
 
 
 def load_model_for_eval(run_dir: str | Path, checkpoint: str | Path | None = None, use_ema: bool = True,
-                        map_location: str | torch.device = "cpu", with_step: bool = False):
-    """(model in eval mode, Config, checkpoint path) of a run dir; the EMA weights when present and asked for;
-    with `with_step`, (model, Config, path, the checkpoint's training step) (`step`, None when absent).
+                        map_location: str | torch.device = "cpu"):
+    """(model in eval mode, Config, checkpoint path) of a run dir: `load_for_eval` without the step."""
+    loaded = load_for_eval(run_dir, checkpoint, use_ema, map_location)
+    return loaded.model, loaded.cfg, loaded.path
+
+
+class EvalModel(NamedTuple):
+    """What `load_for_eval` returns."""
+
+    model: torch.nn.Module
+    cfg: Any
+    path: Path
+    step: int
+    """The training step the checkpoint was saved at (shown in figures, reports and TensorBoard)."""
+
+
+def load_for_eval(run_dir: str | Path, checkpoint: str | Path | None = None, use_ema: bool = True,
+                  map_location: str | torch.device = "cpu") -> EvalModel:
+    """(model in eval mode, Config, checkpoint path, step) of a run dir; the EMA weights when present and asked for.
 
     Without `checkpoint`, latest.pt and nothing else: when it is missing or broken the error names the
     numbered checkpoints that exist and `--checkpoint`, which picks one.
@@ -361,7 +377,4 @@ def load_model_for_eval(run_dir: str | Path, checkpoint: str | Path | None = Non
     model = build_model(cfg.model)
     weights = state["ema"] if (use_ema and state.get("ema") is not None) else state["model"]
     model.load_state_dict(weights)
-    if with_step:
-        step = state.get("step")
-        return model.eval(), cfg, path, (int(step) if isinstance(step, int) else None)
-    return model.eval(), cfg, path
+    return EvalModel(model.eval(), cfg, path, int(state["step"]))

@@ -48,6 +48,7 @@ import numpy as np
 
 from hvae_dist.data import group_name
 from hvae_dist.errors import ConfigError, ScoreFileError
+from hvae_dist.estimators import names
 from hvae_dist.estimators.complexity import METHODS as COMPLEXITY_METHODS
 from hvae_dist.estimators.detection import compute_metrics
 from hvae_dist.score.reader import read_scores
@@ -68,9 +69,9 @@ class ScoreSpec:
 
 def score_specs(ks: list[int], extra_keys: set[str], background: bool, typicality_ref: str | None) -> list[ScoreSpec]:
     """The scores available for a file with these ks and extra datasets, in table order."""
-    specs = [ScoreSpec("nll", "-ELBO", "nll", "-elbo: negative log-likelihood bound, nats (same ranking as bpd)")]
-    specs += [ScoreSpec(f"lk{k}", f"-L>{k}", "lk", f"-lk[k={k}]: negative L>{k} bound, nats") for k in ks]
-    specs += [ScoreSpec(f"llr{k}", f"LLR>{k}", "llr", f"llr[k={k}] = elbo - L>{k}, as stored") for k in ks]
+    specs = [ScoreSpec(names.NLL, "-ELBO", "nll", "-elbo: negative log-likelihood bound, nats (same ranking as bpd)")]
+    specs += [ScoreSpec(names.lk(k), f"-L>{k}", "lk", f"-lk[k={k}]: negative L>{k} bound, nats") for k in ks]
+    specs += [ScoreSpec(names.llr(k), f"LLR>{k}", "llr", f"llr[k={k}] = elbo - L>{k}, as stored") for k in ks]
     specs += [ScoreSpec(f"complexity_{m}", f"-ELBO-C_{m}", "complexity",
                         f"-elbo - complexity_{m}: NLL minus {m} compressed size, nats (Serra et al.)")
               for m in COMPLEXITY_METHODS if f"complexity_{m}" in extra_keys]

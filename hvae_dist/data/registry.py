@@ -172,6 +172,22 @@ def _how_to_get(name: str, split: str, root: str | None, download: bool, hint: R
     return "\n".join(lines)
 
 
+DATA_ROOT_ENV = "HVAE_DATA_ROOT"
+"""The environment variable of the default dataset root. Precedence: a command's --data-root, then the
+config's data.root, then $HVAE_DATA_ROOT, then the offline copies of this package (no root)."""
+
+
+def resolve_root(root: str | os.PathLike | None, hint: RootHint = SET_ROOT) -> tuple[str | None, RootHint]:
+    """(`root`, `hint`) when a root is given; else $HVAE_DATA_ROOT (when set and not empty), with a hint that
+    names the variable in errors; else (None, hint): the offline copies."""
+    if root:
+        return os.fspath(root), hint
+    env = os.environ.get(DATA_ROOT_ENV, "")
+    if env:
+        return env, RootHint(f"${DATA_ROOT_ENV}", f"{hint.set_root} (or set ${DATA_ROOT_ENV}=DIR)", hint.download)
+    return None, hint
+
+
 def _normalize_root(root: str | os.PathLike | None) -> str | None:
     return os.path.abspath(os.path.expanduser(os.fspath(root))) if root else None
 
@@ -302,9 +318,11 @@ def load_arrays(name: str, split: str, root: str | None = None, download: bool =
 
     Cached in-process (lru); the returned arrays are read-only views of the cache (copy before editing).
     See the module docstring for the split definitions and the order in which sources are tried.
+    Without `root`, $HVAE_DATA_ROOT when set (`resolve_root`).
     Unknown name/split -> ConfigError; a missing or empty `root` (without download) or no source ->
     DatasetUnavailableError saying how to get the set, with the options of `hint` (the calling command's).
     """
+    root, hint = resolve_root(root, hint)
     name, split, root = canonical_name(name), _check_split(split), _normalize_root(root)
     base = variants.split_name(name)[0]
     _check_root(base, split, root, bool(download), hint)

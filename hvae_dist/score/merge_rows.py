@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from hvae_dist.errors import ScoreFileError
-from hvae_dist.score.layout import CHUNK_ROWS, VALUE_FIELDS, checked_storage, open_h5, read_checked
+from hvae_dist.score.layout import CHUNK_ROWS, VALUE_FIELDS, checked_storage, describe, open_h5, read_checked
 
 BLOCK_BYTES = 8 << 20
 """Bytes of one shard's rows read at a time (all datasets of the group together), at least CHUNK_ROWS rows."""
@@ -80,7 +80,10 @@ def copy_group(f, group: str, shards: list[ShardInfo], size: int, ks: list[int],
     for key, (dtype, width, attrs) in like.items():
         shape = (size, *width)
         out = target.create_dataset(key, shape=shape, dtype=dtype, fletcher32=True, **checked_storage(shape))
-        out.attrs.update(attrs)
+        # units / description as layout.create_checked writes them (also for shards from before issue 24, which
+        # have none), then any other attribute of the first shard's dataset.
+        describe(out, key)
+        out.attrs.update({k: v for k, v in attrs.items() if k not in out.attrs})
         for shard in shards:
             with _open_shard(shard, group) as grp:
                 _copy_dataset(shard.path, group, key, grp, out, ks, check, block_bytes, ranks)

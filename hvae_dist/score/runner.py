@@ -4,6 +4,7 @@ OUT/shard-IIIII-of-NNNNN.h5, resuming where an earlier run of the same shard sto
 from __future__ import annotations
 
 import json
+import math
 import sys
 import time
 from dataclasses import dataclass, field, replace
@@ -13,7 +14,7 @@ import numpy as np
 import torch
 
 from hvae_dist import __version__
-from hvae_dist.checkpoint import load_model_for_eval, numbered_twin, record_scored
+from hvae_dist.checkpoint import load_for_eval, numbered_twin, record_scored
 from hvae_dist.config import check_int_range, config_differences, config_from_dict, describe_differences, load_json
 from hvae_dist.data import RootHint, check_image_shape, dataset_shape, open_dataset, parse_specs, select_rows
 from hvae_dist.distributed import resolve_device
@@ -23,7 +24,7 @@ from hvae_dist.estimators.complexity import compressed_size_nats
 from hvae_dist.estimators.rows import default_batch_size
 from hvae_dist.estimators.scorer import IWScorer, ScoreSettings
 from hvae_dist.files import require_folder
-from hvae_dist.score.layout import FORMAT_VERSION, file_sha256
+from hvae_dist.score.layout import FORMAT_VERSION, PRECISION_ATTR, file_sha256
 from hvae_dist.score.plan import ShardPlan
 from hvae_dist.score.writer import GroupSpec, ShardWriter, lock_shard
 from hvae_dist.signals import stop_note
@@ -91,14 +92,35 @@ def check_run_config(run_dir: str | Path, ckpt_path: str | Path, cfg) -> None:
             "(--checkpoint) or the run dir it belongs to (--run-dir)")
 
 
+def score_log_path(shard_path: Path) -> Path:
+    """OUT/score-shard-IIIII-of-NNNNN.log beside the shard: the shard's score lines, appended by every run."""
+    return shard_path.with_name("score-" + shard_path.with_suffix(".log").name)
+
+
+class ScoreLog:
+    """The lines of one shard's scoring: timestamped (UTC), to stderr and appended to `path` (None: stderr only)."""
+
+    def __init__(self, path: Path | None = None, stream=None):
+        self.path, self.stream = path, stream
+
+    def __call__(self, line: str) -> None:
+        stamped = f"{time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime())} {line}"
+        print(stamped, file=self.stream or sys.stderr, flush=True)
+        if self.path is not None:
+            with open(self.path, "a") as f:
+                f.write(stamped + "\n")
+
+
 class ProgressLog:
     """Progress as log lines (for SLURM logs and other non-terminals): rows done / total, rows/s, ETA.
 
-    A line every `every` seconds (checked after each batch) and one at the end.
+    A line every `every` seconds (checked after each batch) and one at the end, each through `say` (default:
+    a timestamped line on `stream`, default stderr).
     """
 
-    def __init__(self, total: int, what: str, every: float, stream=None, clock=time.monotonic):
+    def __init__(self, total: int, what: str, every: float, stream=None, clock=time.monotonic, say=None):
         self.total, self.what, self.every, self.stream, self.clock = total, what, every, stream, clock
+        self.say = say or ScoreLog(None, stream)
         self.done, self.t0 = 0, clock()
         self.last = self.t0
 
@@ -115,13 +137,13 @@ class ProgressLog:
         now = self.clock()
         if now - self.last >= self.every and self.done < self.total:
             self.last = now
-            print(self._line(now), file=self.stream or sys.stderr, flush=True)
+            self.say(self._line(now))
 
     def close(self) -> None:
         if self.total:
             elapsed = max(self.clock() - self.t0, 1e-9)
-            print(f"hvae score: {self.what}: done, {self.done}/{self.total} rows in {_duration(elapsed)}, "
-                  f"{self.done / elapsed:.2f} rows/s", file=self.stream or sys.stderr, flush=True)
+            self.say(f"hvae score: {self.what}: done, {self.done}/{self.total} rows in {_duration(elapsed)}, "
+                     f"{self.done / elapsed:.2f} rows/s")
 
 
 def _duration(seconds: float) -> str:
@@ -142,7 +164,7 @@ def run_score_job(job: ScoreJob) -> Path:
     batch_size = default_batch_size(device, samples) if job.batch_size is None else job.batch_size
     if batch_size < 1:
         raise ConfigError(f"--batch-size must be >= 1, got {batch_size}")
-    model, cfg, ckpt_path, step = load_model_for_eval(job.run_dir, job.checkpoint, job.use_ema, with_step=True)
+    model, cfg, ckpt_path, step = load_for_eval(job.run_dir, job.checkpoint, job.use_ema)
     check_run_config(job.run_dir, ckpt_path, cfg)
     model.to(device)
     settings = replace(job.settings, binarize=cfg.data.binarize).resolved(model.num_layers)
@@ -161,14 +183,14 @@ def run_score_job(job: ScoreJob) -> Path:
     sha = file_sha256(ckpt_path)
     attrs = {
         "format_version": FORMAT_VERSION, "model_checkpoint": str(Path(ckpt_path).resolve()),
-        "model_sha256": sha, "iw_samples": settings.iw_samples,
+        "model_sha256": sha, "model_step": step, "iw_samples": settings.iw_samples,
         "iw_samples_lk": settings.iw_samples_lk, "ks": settings.ks, "seed": settings.seed,
-        "dtype": settings.precision, "ema": bool(job.use_ema), "binarize": settings.binarize,
+        PRECISION_ATTR: settings.precision, "ema": bool(job.use_ema), "binarize": settings.binarize,
         "num_layers": model.num_layers, "datasets": groups, "dataset_sizes": plan.sizes,
         "complexity": methods, "package_version": __version__, "config": cfg.to_json(),
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "shard": plan.shard, "num_shards": plan.num_shards,
-        "checkpoint_step": -1 if step is None else step, "checkpoint_file": numbered_twin(ckpt_path, step),
+        "checkpoint_file": numbered_twin(ckpt_path, step),
         "source_sizes": {g: len(data[g]) for g in groups},
         "source_sha256": {g: data[g].source_sha256 for g in groups if getattr(data[g], "source_sha256", None)},
         "row_selection": {"mode": mode, "count": count, "seed": settings.seed},
@@ -281,11 +303,13 @@ def _score_rows(job: ScoreJob, writer: ShardWriter, scorer: IWScorer, data: dict
     pending = {g: writer.pending(g) for g in groups}
     todo, rows = sum(len(p) for p in pending.values()), sum(len(index[g]) for g in groups)
     chunk = scorer.chunk_for(batch_size)
-    print(f"hvae score: shard {plan.shard} of {plan.num_shards}: {todo} of {rows} rows to score "
-          f"(S={settings.iw_samples}, ks={settings.ks}, device={scorer.device}, batch {batch_size} x sample chunk "
-          f"{chunk} = {batch_size * chunk} rows per pass) -> {writer.path}", file=sys.stderr, flush=True)
+    say = ScoreLog(score_log_path(Path(writer.path)))
+    say(f"hvae score: shard {plan.shard} of {plan.num_shards}: {todo} of {rows} rows to score "
+        f"(S={settings.iw_samples}, ks={settings.ks}, device={scorer.device}, batch {batch_size} x sample chunk "
+        f"{chunk} = {batch_size * chunk} rows per pass) -> {writer.path}")
     show = job.progress if job.progress is not None else sys.stderr.isatty()
-    log = None if show else ProgressLog(todo, f"shard {plan.shard} of {plan.num_shards}", job.log_every)
+    # On a terminal the bar shows progress, and only the closing line is logged.
+    log = ProgressLog(todo, f"shard {plan.shard} of {plan.num_shards}", math.inf if show else job.log_every, say=say)
     with tqdm(total=todo, unit="ex", desc=f"shard {plan.shard}/{plan.num_shards}", file=sys.stderr,
               disable=not show, dynamic_ncols=True, smoothing=0.05) as bar:
         for g, rows_b, idx, images in _batches(data, index, pending, batch_size):
@@ -294,7 +318,5 @@ def _score_rows(job: ScoreJob, writer: ShardWriter, scorer: IWScorer, data: dict
                 values[f"complexity_{m}"] = compressed_size_nats(images, m)
             writer.write(g, rows_b, values)
             bar.update(len(rows_b))
-            if log is not None:
-                log.update(len(rows_b))
-    if log is not None:
-        log.close()
+            log.update(len(rows_b))
+    log.close()

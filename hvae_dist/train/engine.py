@@ -390,7 +390,7 @@ class Trainer:
         start_time, reason = time.monotonic(), "finished"
         last_t, last_step = time.perf_counter(), self.step
         if self.monitor is not None:
-            self.monitor.start(self.step, max_steps)
+            self.monitor.start(self.step, max_steps, self.cfg)
         while self.step < max_steps:
             self.train_step()
             if self.monitor is not None:

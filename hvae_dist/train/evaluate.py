@@ -23,6 +23,7 @@ import torch
 
 from hvae_dist.config import Config
 from hvae_dist.data import open_dataset, parse_spec
+from hvae_dist.estimators import names
 from hvae_dist.estimators.detection import auroc
 from hvae_dist.estimators.reconstructions import reconstruction_grid
 from hvae_dist.estimators.rows import default_batch_size, resolve_sample_chunk
@@ -91,8 +92,8 @@ def validation_scalars(model: HierarchicalModel, cfg: Config, device: torch.devi
         results[f"val/{tag}/bpd"] = float(bits_per_dim(-elbo.mean(), num_dims))
         entry = {"elbo": elbo}
         for j, k in enumerate(ks):
-            entry[f"llr{k}"] = np.concatenate([p["llr"][:, j] for p in parts])
-            results[f"val/{tag}/llr{k}"] = float(entry[f"llr{k}"].mean())
+            entry[names.llr(k)] = np.concatenate([p["llr"][:, j] for p in parts])
+            results[f"val/{tag}/{names.llr(k)}"] = float(entry[names.llr(k)].mean())
         per_set[spec] = entry
         if spec == cfg.data.val_datasets[0]:
             # One posterior-sample pass for the posterior means (active units). Its noise comes from a generator
@@ -112,9 +113,10 @@ def validation_scalars(model: HierarchicalModel, cfg: Config, device: torch.devi
     for spec in cfg.data.val_datasets[1:]:
         tag = _tag(spec)
         n = min(len(in_dist["elbo"]), len(per_set[spec]["elbo"]))
-        results[f"val/auroc/{tag}/neg_elbo"] = auroc(-in_dist["elbo"][:n], -per_set[spec]["elbo"][:n])
+        results[names.metric_key("val", "auroc", tag, names.NLL)] = auroc(-in_dist["elbo"][:n], -per_set[spec]["elbo"][:n])
         for k in ks:
-            results[f"val/auroc/{tag}/llr{k}"] = auroc(in_dist[f"llr{k}"][:n], per_set[spec][f"llr{k}"][:n])
+            score = names.llr(k)
+            results[names.metric_key("val", "auroc", tag, score)] = auroc(in_dist[score][:n], per_set[spec][score][:n])
     model.train(was_training)
     return results
 

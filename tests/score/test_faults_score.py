@@ -292,7 +292,7 @@ def test_progress_lines_without_a_terminal_give_rows_rate_and_eta(run_dir, tmp_p
                            datasets=("FashionMNIST:test",))) == 0
     err = capsys.readouterr().err
     assert "batch 2 x sample chunk 12 = 24 rows per pass" in err, err        # auto: 64 // 2 = 32, capped at S
-    lines = [line for line in err.splitlines() if "rows/s" in line]
+    lines = [line.split(" ", 2)[2] for line in err.splitlines() if "rows/s" in line]   # after the UTC date and time
     assert len(lines) == 4, err                                               # 2, 4, 6 of 7 rows; then done
     assert lines[0].startswith("hvae score: shard 0 of 1: 2/7 rows (28.6%)") and "ETA" in lines[0], lines
     assert "done, 7/7 rows" in lines[-1]
@@ -304,7 +304,7 @@ def test_progress_log_writes_a_line_every_interval_and_at_the_end():
 
     class Stream:
         def write(self, text):
-            lines.extend(t for t in text.splitlines() if t)
+            lines.extend(t.split(" ", 2)[2] for t in text.splitlines() if t)   # after the UTC date and time
 
         def flush(self):
             pass

@@ -117,7 +117,7 @@ def test_validate_without_a_monitor_returns_the_evaluation(tmp_path):
     assert result.scalars.keys() >= {"val/FashionMNIST_validation/elbo", "val/auroc/MNIST_validation/llr1",
                                      "val/active_units/layer1"}
     assert all(math.isfinite(v) for v in result.scalars.values())
-    assert all(0 <= result.scalars[f"val/auroc/MNIST_validation/{s}"] <= 1 for s in ("neg_elbo", "llr1", "llr2"))
+    assert all(0 <= result.scalars[f"val/auroc/MNIST_validation/{s}"] <= 1 for s in ("nll", "llr1", "llr2"))
     assert set(result.images) == {"samples/prior", "samples/reconstructions", "visualize/reconstructions"}
     assert not (tmp_path / "tb").exists()      # nothing written: there is no monitor
 
@@ -142,7 +142,7 @@ def test_tensorboard_has_train_val_perf_scalars_and_sample_images(tmp_path):
     for tag in ("FashionMNIST_validation", "MNIST_validation"):
         want |= {f"val/{tag}/elbo", f"val/{tag}/bpd", f"val/{tag}/llr1", f"val/{tag}/llr2"}
     want |= {f"val/active_units/layer{i}" for i in (1, 2, 3)}
-    want |= {"val/auroc/MNIST_validation/neg_elbo", "val/auroc/MNIST_validation/llr1",
+    want |= {"val/auroc/MNIST_validation/nll", "val/auroc/MNIST_validation/llr1",
              "val/auroc/MNIST_validation/llr2"}     # the AUROC of LLR>k for every k, as the paper's training script
     assert want <= scalars, f"missing: {sorted(want - scalars)}"
     for tag in want:
