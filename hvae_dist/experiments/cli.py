@@ -20,7 +20,8 @@ EXAMPLES = """examples:
   hvae demo --steps 500 --iw-samples 8 --max-examples 200 --out runs/quick
   hvae demo --minutes 5                       # at most 5 min of training; says "stopped at step N of M" if cut
   hvae demo --config biva-tiny --out runs/demo-biva   # the same with the BIVA model
-Re-running with the same --out resumes the run and rescores; the report is runs/demo/report/metrics.md."""
+Re-running with the same --out resumes the run and rescores; the report is runs/demo/scores/analysis/report.html
+(where `hvae analyze runs/demo/scores/scores.h5` writes it too)."""
 
 
 def add_demo_arguments(p: argparse.ArgumentParser) -> None:
@@ -47,7 +48,9 @@ def run_demo(args: argparse.Namespace) -> int:
     from hvae_dist.experiments import stages
 
     out = Path(args.out)
-    run_dir, scores, report = out / "run", out / "scores", out / "report"
+    # The report goes where `hvae analyze` and `hvae submit` put it by default: the score folder's analysis/.
+    run_dir, scores = out / "run", out / "scores"
+    report = scores / "analysis"
     t0 = time.monotonic()
     budget = stages.budget_overrides(args.steps, args.minutes)
     if (run_dir / "config.json").exists():  # resume the same run; its config stays as it was
@@ -62,14 +65,16 @@ def run_demo(args: argparse.Namespace) -> int:
     stages.analyze(scores / "scores.h5", args.datasets[0], report, note)
     print(f"\ndemo done: training {(t1 - t0) / 60:.1f} min ({note or f'{args.steps} steps'}), "
           f"scoring {(t2 - t1) / 60:.1f} min. "
-          f"Report: {report}/metrics.md, TensorBoard: tensorboard --logdir {run_dir / 'tb'}")
+          f"Tables: {report}/metrics.md, TensorBoard: tensorboard --logdir {run_dir / 'tb'}")
     print("The paper (Havtorn et al. 2021, FashionMNIST -> MNIST): AUROC of log p(x) well below 0.5, LLR>1 0.986.")
+    print(f"Report: open {report / 'report.html'}")
     return 0
 
 
 POSTER_EXAMPLES = """examples:
-  hvae poster --minutes 30 --out runs/poster                 # both models, every set that resolves offline
-  hvae poster --minutes 30 --out runs/poster --data-root ~/data   # + KMNIST, notMNIST, Omniglot, SmallNORB
+  hvae poster --out runs/poster                              # both models, every set that resolves offline
+  hvae poster --out runs/poster --data-root ~/data           # + KMNIST, notMNIST, Omniglot, SmallNORB
+  hvae poster --steps 2000 --minutes 30 --out runs/poster    # a cap: "stopped at step N of M" when it stops early
 Re-running with the same --out continues an interrupted stage and skips finished ones."""
 
 

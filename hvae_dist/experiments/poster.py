@@ -25,6 +25,7 @@ from pathlib import Path
 from hvae_dist.errors import DatasetUnavailableError, HvaeError
 from hvae_dist.experiments import stages
 from hvae_dist.experiments.recipe import POSTER_STEPS
+from hvae_dist.files import write_bytes_atomic, write_text_atomic
 
 IN_DISTS = ("FashionMNIST", "MNIST")
 # (trained on, paper's OOD name) -> (paper's k, paper's AUROC of LLR>k)
@@ -79,7 +80,7 @@ def _stage(folder: Path, what: str, run: Callable[[], object]) -> None:
     except HvaeError as e:
         raise type(e)(f"{what}: {e}; re-run `hvae poster` with the same --out to continue where it stopped") from e
     folder.mkdir(parents=True, exist_ok=True)
-    marker.write_text(time.strftime("%Y-%m-%dT%H:%M:%SZ\n", time.gmtime()))
+    write_text_atomic(marker, time.strftime("%Y-%m-%dT%H:%M:%SZ\n", time.gmtime()))
 
 
 def run_poster(out: str | Path, minutes: float | None = None, config: str = "tiny", iw_samples: int = 64,
@@ -150,13 +151,11 @@ def _fmt(v) -> str:
 
 def _write_table(out: Path, rows: list[dict], minutes: float | None, iw_samples: int, max_examples: int,
                  steps: int = POSTER_STEPS, notes: dict[str, str] | None = None) -> Path:
-    from hvae_dist.files import write_bytes_atomic
-
     head = ["trained on", "OOD (paper)", "OOD (ours)", "k", "paper AUROC LLR>k", "ours AUROC LLR>k",
             "ours AUROC -ELBO", "ours best k (AUROC)", "note"]
     cap = f", at most {minutes:g} min" if minutes is not None else ""
     lines = [f"# The paper's table, ours beside it ({steps} training steps per model{cap}, S = {iw_samples}, "
-             f"first {max_examples} examples per set)", ""]
+             f"{max_examples} examples per set, a seeded subset stratified by class)", ""]
     lines += [f"**Training {name}: {note}.**" for name, note in (notes or {}).items()] + ([""] if notes else [])
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
