@@ -26,6 +26,9 @@ PAPER: dict[tuple[str, str], dict[str, tuple[float, str]]] = {
         "waic": (0.766, "Havtorn et al. 2021, 5 VAEs"),
         "background": (0.994, "Havtorn et al. 2021, Ren et al. with PixelCNN"),
     },
+    ("MNIST", "FashionMNIST"): {
+        "llr1": (0.999, "Havtorn et al. 2021, S=1000"),
+    },
     ("CIFAR10", "SVHN"): {
         "llr2": (0.811, "Havtorn et al. 2021, HVAE"),
         "likelihood_regret": (0.875, "Havtorn et al. 2021"),
