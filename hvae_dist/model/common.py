@@ -30,6 +30,7 @@ class ModelOutput:
     kl_dims: list[Tensor]          # per layer (B, D_i) elementwise KL terms, for free nats
     posterior_means: list[Tensor]  # per layer (B, D_i), for active-unit statistics
     params: Tensor                 # (B, P, H, W) likelihood parameters
+    zs: list[Tensor] | None = None  # per layer (B, *latent_shapes[i]) the z the generative path used (`decode`)
 
     @property
     def elbo(self) -> Tensor:

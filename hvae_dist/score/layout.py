@@ -4,6 +4,7 @@ One group per dataset, named "<Name>/<split>" (e.g. "FashionMNIST/test"), N rows
 
     index (N,) int64   elbo, elbo_1, bpd (N,) float64   lk, llr (N, K) float64   kl (N, L) float64
     [complexity_png, complexity_zlib (N,) float64 with --complexity]    complete (N,) bool (shard files)
+    [lid, lid_lin (N, K_lid, S_lid) float64 with --lid: LID counts / linearised LIDs per lid k and scale]
 
 Root attributes: `IDENTITY_ATTRS` (the settings a resumed shard and a merge must agree on) plus
 model_checkpoint, package_version, config, created, shard / num_shards in shard files and
@@ -32,11 +33,13 @@ FORMAT_VERSION = 2
 READABLE_FORMATS = (1, FORMAT_VERSION)
 CHUNK_ROWS = 1024
 IDENTITY_ATTRS = ("format_version", "model_sha256", "iw_samples", "iw_samples_lk", "ks", "seed", "dtype", "ema",
-                  "binarize", "num_layers", "datasets", "dataset_sizes", "complexity")
+                  "binarize", "num_layers", "datasets", "dataset_sizes", "complexity", "lid")
 SHARD_ATTRS = ("shard", "num_shards")
 VALUE_FIELDS = ("elbo", "elbo_1", "lk", "llr", "kl", "bpd")
 REQUIRED_FIELDS = ("index", *VALUE_FIELDS)
-JSON_ATTRS = ("config", "datasets", "dataset_sizes", "complexity")
+JSON_ATTRS = ("config", "datasets", "dataset_sizes", "complexity", "lid")
+LID_FIELDS = ("lid", "lid_lin")
+"""With --lid (attribute `lid`: scales, ks, rank, ...; `hvae_dist.estimators.lid`): (N, len(ks), len(scales))."""
 
 
 def file_sha256(path: str | Path, block: int = 1 << 22) -> str:

@@ -24,6 +24,7 @@ from hvae_dist.distributed import resolve_device
 from hvae_dist.errors import CheckpointError, ConfigError
 from hvae_dist.estimators.complexity import METHODS as COMPLEXITY_METHODS
 from hvae_dist.estimators.complexity import compressed_size_nats
+from hvae_dist.estimators.lid import LidEstimator, LidSettings
 from hvae_dist.estimators.rows import default_batch_size
 from hvae_dist.estimators.scorer import IWScorer, ScoreSettings
 from hvae_dist.files import require_folder
@@ -54,6 +55,7 @@ class ScoreJob:
     progress: bool | None = None      # None: the bar when stderr is a terminal, else progress lines
     data_root: str | None = None      # None: the run's data.root
     log_every: float = 30.0           # seconds between progress lines (when there is no bar)
+    lid: LidSettings | None = None    # with --lid: the LID fields (hvae_dist.estimators.lid)
 
 
 def check_job(job: ScoreJob) -> None:
@@ -155,6 +157,7 @@ def run_score_job(job: ScoreJob) -> Path:
     model.to(device)
     settings = replace(job.settings, binarize=cfg.data.binarize).resolved(model.num_layers)
     scorer = IWScorer(model, settings, device)
+    lid = LidEstimator(model, job.lid, settings.seed) if job.lid is not None else None
 
     groups = [group_name(":".join(parse_dataset_spec(s))) for s in job.datasets]
     if not groups:
@@ -184,22 +187,26 @@ def run_score_job(job: ScoreJob) -> Path:
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "shard": plan.shard, "num_shards": plan.num_shards,
     }
-    specs = [GroupSpec(g, np.arange(*plan.range(g), dtype=np.int64), model.num_layers, len(settings.ks), methods)
-             for g in groups]
+    lid_shape = None
+    if lid is not None:
+        attrs["lid"] = lid.settings.attrs()         # only with --lid: files without LID keep their identity
+        lid_shape = (len(lid.settings.ks), len(lid.settings.scales))
+    specs = [GroupSpec(g, np.arange(*plan.range(g), dtype=np.int64), model.num_layers, len(settings.ks), methods,
+                       lid_shape) for g in groups]
     path = Path(job.out) / plan.filename
     # The lock comes before the shard file is looked at, created or opened: of two jobs started on the same
     # new shard, the second stops here instead of replacing the first one's file.
     lock = lock_shard(path)
     try:
         with ShardWriter.open(path, attrs, specs) as writer:
-            _score_rows(job, writer, scorer, data, plan, batch_size)
+            _score_rows(job, writer, scorer, data, plan, batch_size, lid)
     finally:
         lock.release()
     return path
 
 
 def _score_rows(job: ScoreJob, writer: ShardWriter, scorer: IWScorer, data: dict, plan: ShardPlan,
-                batch_size: int) -> None:
+                batch_size: int, lid: LidEstimator | None = None) -> None:
     """Score every pending row of the shard (data: group -> dataset), batch by batch, with progress."""
     from tqdm import tqdm
 
@@ -224,6 +231,10 @@ def _score_rows(job: ScoreJob, writer: ShardWriter, scorer: IWScorer, data: dict
                 values = scorer.score_batch(torch.from_numpy(images), torch.from_numpy(idx), g)
                 for m in methods:
                     values[f"complexity_{m}"] = compressed_size_nats(images, m)
+                if lid is not None:
+                    idx_t = torch.from_numpy(idx).to(scorer.device)
+                    x = scorer.preprocess(torch.from_numpy(images).to(scorer.device), g, idx_t)
+                    values.update(lid.score_batch(x, idx_t, g))
                 _trace(g, idx)
                 writer.write(g, rows_b, values)
                 bar.update(len(rows_b))

@@ -21,6 +21,7 @@ from hvae_dist.locking import FileLock
 from hvae_dist.score.layout import (
     FORMAT_VERSION,
     IDENTITY_ATTRS,
+    LID_FIELDS,
     SHARD_ATTRS,
     create_checked,
     format_error,
@@ -42,6 +43,7 @@ class GroupSpec:
     num_layers: int
     num_ks: int
     complexity: list = field(default_factory=list)
+    lid_shape: tuple[int, int] | None = None    # (K_lid, S_lid) with --lid
 
     def shapes(self) -> dict[str, tuple[tuple[int, ...], Any]]:
         n = len(self.index)
@@ -50,6 +52,9 @@ class GroupSpec:
                "kl": ((n, self.num_layers), np.float64), "bpd": ((n,), np.float64)}
         for method in self.complexity:
             out[f"complexity_{method}"] = ((n,), np.float64)
+        if self.lid_shape is not None:
+            for key in LID_FIELDS:
+                out[key] = ((n, *self.lid_shape), np.float64)
         out["complete"] = ((n,), np.bool_)
         return out
 
