@@ -9,7 +9,9 @@ import pytest
 import torch
 
 from helpers.models import preset_model_config, standard_noise
-from helpers.score import build, small_config
+from helpers.score import build, make_run_dir, score_args, small_config
+from hvae_dist.cli import build_parser
+from hvae_dist.cli import main as hvae
 from hvae_dist.errors import ConfigError
 from hvae_dist.estimators.lid import (
     LidEstimator,
@@ -21,6 +23,8 @@ from hvae_dist.estimators.lid import (
     lid_estimates,
 )
 from hvae_dist.model import build_model, lk_modes
+from hvae_dist.score.cli import job_from_args
+from hvae_dist.score.reader import read_scores
 
 
 def _small_model():
@@ -127,3 +131,27 @@ def test_bad_lid_settings_are_refused_with_the_option_named():
         with pytest.raises(ConfigError, match=match):
             settings.resolved(3)
     assert LidSettings(scales=[0.1, 0.01], ks=[2, 0]).resolved(3).attrs()["scales"] == [0.01, 0.1]
+
+
+# ------------------------------------------------------------------------------------- hvae score --lid
+def test_score_lid_fields_equal_across_shards_and_batch_sizes_and_are_part_of_the_identity(tmp_path):
+    run_dir = make_run_dir(tmp_path / "run", small_config(channels=4))
+    lid = ("--lid", "--lid-ks", "1", "2", "--lid-scales", "0.1", "0.001", "--iw-samples", "2")
+    args = dict(samples=2, max_examples=4)
+    assert hvae(score_args(run_dir, tmp_path / "one", *lid, "--batch-size", "4", **args)) == 0
+    for i in range(2):
+        assert hvae(score_args(run_dir, tmp_path / "two", *lid, "--batch-size", "1", "--lid-chunk", "1",
+                               "--shard", str(i), "--num-shards", "2", **args)) == 0
+    for out in ("one", "two"):
+        assert hvae(["merge", str(tmp_path / out)]) == 0
+    one, two = read_scores(tmp_path / "one" / "scores.h5"), read_scores(tmp_path / "two" / "scores.h5")
+    assert one.attrs["lid"] == {"scales": [0.001, 0.1], "ks": [1, 2], "rank": None, "oversample": 10, "power_iters": 2}
+    for g in ("FashionMNIST/test", "MNIST/test"):
+        assert one.groups[g]["lid"].shape == (4, 2, 2) and one.groups[g]["lid_lin"].shape == (4, 2, 2)
+        assert (one.groups[g]["lid"][:, 0, 0] <= 6).all() and (one.groups[g]["lid"][:, 1, 0] <= 2).all()  # <= d_k
+        for key in ("lid", "lid_lin"):
+            np.testing.assert_allclose(two.groups[g][key], one.groups[g][key], rtol=1e-5, atol=1e-6)
+    # the same --out without --lid (or with other scales) is another job: refused, naming the attribute
+    assert hvae(score_args(run_dir, tmp_path / "one", "--iw-samples", "2", "--batch-size", "4", **args)) == 2
+    with pytest.raises(ConfigError, match="--lid-rank given without --lid"):
+        job_from_args(build_parser().parse_args(score_args(run_dir, tmp_path / "x", "--lid-rank", "3")))
