@@ -37,7 +37,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tb-step", type=int, default=0, metavar="N", help="global step for TensorBoard")
     parser.add_argument("--scores", nargs="+", metavar="SCORE", default=None,
                         help="only these scores: ids (nll, lk1, llr2, complexity_png, background, typicality) or "
-                             "families (nll lk llr complexity background typicality); default: all available")
+                             "families (nll lk llr complexity background typicality lid lidlin dual); default: all available")
     parser.add_argument("--no-plots", action="store_true", help="skip the PNG figures")
 
 
