@@ -155,3 +155,11 @@ def test_score_lid_fields_equal_across_shards_and_batch_sizes_and_are_part_of_th
     assert hvae(score_args(run_dir, tmp_path / "one", "--iw-samples", "2", "--batch-size", "4", **args)) == 2
     with pytest.raises(ConfigError, match="--lid-rank given without --lid"):
         job_from_args(build_parser().parse_args(score_args(run_dir, tmp_path / "x", "--lid-rank", "3")))
+
+
+def test_submit_score_takes_the_lid_options_into_the_same_job():
+    common = ["--run-dir", "r", "--out", "o", "--datasets", "MNIST:test", "--lid", "--lid-ks", "1", "--lid-scales",
+              "0.5", "--lid-rank", "4", "--lid-chunk", "8"]
+    direct = job_from_args(build_parser("score").parse_args(["score", *common]))
+    submitted = job_from_args(build_parser("submit").parse_args(["submit", "score", "--num-shards", "2", *common]))
+    assert direct == submitted and direct.lid == LidSettings(scales=[0.5], ks=[1], rank=4, chunk=8)
