@@ -60,7 +60,7 @@ from hvae_dist.estimators import noise as noise_mod
 from hvae_dist.model import lk_modes
 from hvae_dist.nn.likelihoods import Bernoulli, DiscretizedLogistic, DiscretizedLogisticMixture, Gaussian
 
-DEFAULT_SCALES = (0.01, 0.1)
+DEFAULT_SCALES = (0.1, 1.0)
 """delta of the LID estimates, in units of the decoder mean (pixel values in [0, 1]) per unit of latent."""
 
 

@@ -111,7 +111,7 @@ def add_score_arguments(p, *, submit: str | None = None) -> None:
                    help="also store lid / lid_lin (N, K, S): local intrinsic dimension of the decoder at each example "
                         "(Kamkari et al. 2024; hvae_dist.estimators.lid); costs hundreds of IW samples per example")
     p.add_argument("--lid-scales", nargs="+", type=float, default=None, metavar="DELTA",
-                   help="scales delta of the LID estimates, pixel units of the decoder mean (default: 0.01 0.1)")
+                   help="scales delta of the LID estimates, pixel units of the decoder mean (default: 0.1 1)")
     p.add_argument("--lid-ks", nargs="+", type=int, default=None, metavar="K",
                    help="Jacobians with respect to z>k, each k in 0..L-1 (default: 0 = all latents)")
     p.add_argument("--lid-rank", type=int, default=None, metavar="R",
