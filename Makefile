@@ -11,7 +11,7 @@ FASHION_MNIST_DIR := /usr/share/datasets/fashion-mnist
 
 venv: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml setup.cfg
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	# torch/torchvision first, pinned: pip takes them from this machine's disk.

@@ -16,7 +16,8 @@
 
 Files are written atomically (temp file in the same folder, fsync, rename, fsync of the folder) so a
 crash leaves either the old or the new checkpoint, never a torn one; a failed write (a full disk)
-removes its temp file and raises CheckpointError naming the path and the free space. Loading uses
+removes its temp file and raises CheckpointError naming the path and the free space (`hvae_dist.files`;
+files get mode 0o666 & ~umask: 0644 under umask 022, readable on a shared project folder). Loading uses
 `torch.load(weights_only=True)`: a checkpoint is data, never code. A file that does not load gets a
 reason of our own (empty, truncated, not a checkpoint, refused pickle), never torch's advice to load
 it with `weights_only=False`.
@@ -28,22 +29,20 @@ never deleted. Scoring never falls back: its scores would silently come from ano
 """
 from __future__ import annotations
 
-import errno
 import os
 import pickle
 import re
-import shutil
-import tempfile
 import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, NamedTuple
 
 import torch
 
 from hvae_dist.errors import CheckpointError
+from hvae_dist.files import describe_os_error, write_atomic
 
 SCHEMA_VERSION = 2
 READABLE_SCHEMAS = (1, 2)   # model weights of these load for evaluation; training resumes SCHEMA_VERSION only
@@ -57,75 +56,18 @@ def checkpoint_dir(run_dir: str | Path) -> Path:
     return Path(run_dir) / "checkpoints"
 
 
-def _free_space(folder: Path) -> str:
-    """'1.2 GiB free' / '0.0 MiB free' of the file system that holds `folder` (or its nearest existing parent)."""
-    while not folder.exists() and folder != folder.parent:
-        folder = folder.parent
-    try:
-        free = shutil.disk_usage(folder).free
-    except OSError:
-        return "free space unknown"
-    if free >= 2**30:
-        return f"{free / 2**30:.1f} GiB free"
-    return f"{free / 2**20:.1f} MiB free" if free >= 2**20 else f"{free / 2**10:.0f} KiB free"
-
-
-class _WriteErrors:
-    """A binary file that remembers the OSError of a failed write: torch's zip writer reports a full disk as
-    a RuntimeError ("unexpected pos ..."), which names neither the cause nor the file."""
-
-    def __init__(self, f: BinaryIO):
-        self.f, self.error = f, None
-
-    def write(self, data) -> int:
-        try:
-            return self.f.write(data)
-        except OSError as e:
-            self.error = e
-            raise
-
-    def __getattr__(self, name: str):
-        return getattr(self.f, name)
-
-
 def atomic_write(path: str | Path, write: Callable[[BinaryIO], None], what: str = "file") -> None:
-    """`write(f)` into a temp file beside `path`, fsync, rename over `path`, fsync the folder.
+    """`write(f)` into a temp file beside `path`, fsync, rename over `path`, fsync the folder
+    (`files.write_atomic`: mode 0o666 & ~umask, 0644 under umask 022).
 
     On any failure the temp file is removed and `path` is untouched; an OSError (a full disk, a read-only
     or vanished folder), also one that torch reports as a RuntimeError, becomes a CheckpointError naming
-    `path` and the free space of its folder.
+    `path` and the free space of its file system (`files.describe_os_error`).
     """
-    path = Path(path)
-    tmp, f = None, None
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        with os.fdopen(fd, "wb") as raw:
-            f = _WriteErrors(raw)
-            write(f)
-            raw.flush()
-            os.fsync(raw.fileno())
-        os.replace(tmp, path)
-        tmp = None
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    except Exception as e:
-        cause = e if isinstance(e, OSError) else (f.error if f is not None else None)
-        if cause is None:
-            raise
-        if tmp is not None and os.path.exists(tmp):
-            os.unlink(tmp)   # before measuring: the free space the user gets back
-            tmp = None
-        hint = "free some space or move the run dir" if cause.errno in (errno.ENOSPC, errno.EDQUOT) else \
-            "check the folder's permissions and file system"
-        raise CheckpointError(f"cannot write {what} {path}: {cause.strerror or cause} ({_free_space(path.parent)} on "
-                              f"{path.parent}); {hint}, then re-run the same command") from e
-    finally:
-        if tmp is not None and os.path.exists(tmp):
-            os.unlink(tmp)
+        write_atomic(path, write)
+    except OSError as e:
+        raise CheckpointError(f"cannot write {what} {describe_os_error(e)}") from e
 
 
 def atomic_torch_save(obj: Any, path: str | Path) -> None:
@@ -154,9 +96,80 @@ def save_checkpoint(state: dict, run_dir: str | Path, keep_last: int = 3) -> Pat
     atomic_torch_save(state, ckdir / LATEST)
     if keep_last > 0:
         older = [p for p in list_checkpoints(run_dir) if step_of(p) < step]
-        for old in older[:max(0, len(older) - (keep_last - 1))]:
+        pruned = older[:max(0, len(older) - (keep_last - 1))]
+        warn_scored(run_dir, pruned, keep_last)
+        for old in pruned:
             old.unlink(missing_ok=True)
     return numbered
+
+
+SCORED_LOG = "score-files.jsonl"
+"""RUN_DIR/score-files.jsonl: a line per score file written from this run's checkpoints (`record_scored`), so
+that `keep_last` pruning can say which score files lose their checkpoint."""
+
+
+def record_scored(run_dir: str | Path, checkpoint_file: str, step: int | None, score_file: str | Path) -> str | None:
+    """Append {"checkpoint_file", "checkpoint_step", "score_file"} to RUN_DIR/score-files.jsonl (once per
+    score file and checkpoint). Returns a one-line note when the run dir cannot be written (the scores do not
+    depend on it), else None."""
+    import json
+
+    path = Path(run_dir) / SCORED_LOG
+    line = json.dumps({"checkpoint_file": checkpoint_file, "checkpoint_step": step,
+                       "score_file": str(Path(score_file).resolve())}, sort_keys=True)
+    try:
+        if path.is_file() and line in path.read_text().splitlines():
+            return None
+        with open(path, "a") as f:
+            f.write(line + "\n")
+    except OSError as e:
+        return f"cannot record the score file in {path} ({e.strerror or e}); keep_last pruning will not warn about it"
+    return None
+
+
+def scored_checkpoints(run_dir: str | Path) -> dict[str, list[str]]:
+    """checkpoint file name -> score files (that still exist) recorded in RUN_DIR/score-files.jsonl."""
+    import json
+
+    path = Path(run_dir) / SCORED_LOG
+    found: dict[str, list[str]] = {}
+    try:
+        lines = path.read_text().splitlines() if path.is_file() else []
+    except OSError:
+        return found
+    for line in lines:
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            continue
+        name, score = entry.get("checkpoint_file"), entry.get("score_file")
+        if isinstance(name, str) and isinstance(score, str) and Path(score).exists():
+            found.setdefault(name, []).append(score)
+    return found
+
+
+def warn_scored(run_dir: str | Path, pruned: list[Path], keep_last: int) -> None:
+    """A RuntimeWarning for each checkpoint about to be pruned that a score file names (`record_scored`)."""
+    if not pruned:
+        return
+    scored = scored_checkpoints(run_dir)
+    for p in pruned:
+        if p.name in scored:
+            files = scored[p.name]
+            warnings.warn(f"removing {p} (train.keep_last={keep_last}), the checkpoint of {len(files)} score file(s) "
+                          f"(e.g. {files[0]}); copy it elsewhere first to keep those scores reproducible, or raise "
+                          "train.keep_last", RuntimeWarning, stacklevel=3)
+
+
+def numbered_twin(path: str | Path, step: int | None) -> str:
+    """The name of the numbered checkpoint that `path` is: itself when numbered; for latest.pt, the step-N.pt of
+    its step N (`save_checkpoint` writes both from one state; their bytes differ only in torch's archive names),
+    "" when that file does not exist (pruned, or the run was copied without it)."""
+    path = Path(path)
+    if step_of(path) is not None:
+        return path.name
+    twin = path.parent / f"step-{step}.pt"
+    return twin.name if step is not None and twin.is_file() else ""
 
 
 def list_checkpoints(run_dir: str | Path) -> list[Path]:
@@ -247,11 +260,6 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     return state
 
 
-def latest_checkpoint(run_dir: str | Path) -> Path | None:
-    path = checkpoint_dir(run_dir) / LATEST
-    return path if path.exists() else None
-
-
 @dataclass
 class Resumable:
     """The checkpoint a run resumes from, and why each newer candidate was passed over."""
@@ -326,7 +334,24 @@ def set_aside(paths: list[Path], run_dir: str | Path) -> Path | None:
 
 def load_model_for_eval(run_dir: str | Path, checkpoint: str | Path | None = None, use_ema: bool = True,
                         map_location: str | torch.device = "cpu"):
-    """(model in eval mode, Config, checkpoint path) of a run dir; the EMA weights when present and asked for.
+    """(model in eval mode, Config, checkpoint path) of a run dir: `load_for_eval` without the step."""
+    loaded = load_for_eval(run_dir, checkpoint, use_ema, map_location)
+    return loaded.model, loaded.cfg, loaded.path
+
+
+class EvalModel(NamedTuple):
+    """What `load_for_eval` returns."""
+
+    model: torch.nn.Module
+    cfg: Any
+    path: Path
+    step: int
+    """The training step the checkpoint was saved at (shown in figures, reports and TensorBoard)."""
+
+
+def load_for_eval(run_dir: str | Path, checkpoint: str | Path | None = None, use_ema: bool = True,
+                  map_location: str | torch.device = "cpu") -> EvalModel:
+    """(model in eval mode, Config, checkpoint path, step) of a run dir; the EMA weights when present and asked for.
 
     Without `checkpoint`, latest.pt and nothing else: when it is missing or broken the error names the
     numbered checkpoints that exist and `--checkpoint`, which picks one.
@@ -352,4 +377,4 @@ def load_model_for_eval(run_dir: str | Path, checkpoint: str | Path | None = Non
     model = build_model(cfg.model)
     weights = state["ema"] if (use_ema and state.get("ema") is not None) else state["model"]
     model.load_state_dict(weights)
-    return model.eval(), cfg, path
+    return EvalModel(model.eval(), cfg, path, int(state["step"]))

@@ -12,13 +12,12 @@ and exit code 128 + the signal number.
 from __future__ import annotations
 
 import argparse
-import errno
 import importlib
-import shutil
 import signal
 import sys
 import threading
-from pathlib import Path
+
+from hvae_dist.files import describe_os_error, free_space  # noqa: F401  (free_space: re-exported)
 
 # subcommand -> (module, its add-arguments function, its run function, one-line help)
 COMMANDS: dict[str, tuple[str, str, str, str]] = {
@@ -38,6 +37,8 @@ COMMANDS: dict[str, tuple[str, str, str, str]] = {
                "the paper's OOD table: both models trained, every resolvable OOD set scored, the paper beside us"),
     "demo": ("hvae_dist.experiments.cli", "add_demo_arguments", "run_demo",
              "the paper's headline on offline data: FashionMNIST vs MNIST on CPU"),
+    "config": ("hvae_dist.config_cli", "add_arguments", "run",
+               "print the resolved config of a preset or file, every default filled in, as JSON"),
 }
 
 
@@ -74,8 +75,15 @@ def _use_formatter(parser: argparse.ArgumentParser) -> None:
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The top-level parser; only `command`'s module is imported (all of them when None)."""
-    parser = argparse.ArgumentParser(prog="hvae", description=__doc__.splitlines()[0],
+    from hvae_dist import __version__
+
+    # allow_abbrev=False: a sub-command's --local must not read as an abbreviation of --local_rank.
+    parser = argparse.ArgumentParser(prog="hvae", description=__doc__.splitlines()[0], allow_abbrev=False,
                                      epilog="run `hvae COMMAND --help` for a command's options and examples")
+    parser.add_argument("--version", action="version", version=f"hvae-dist {__version__}")
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, metavar="N",
+                        help="this process's rank on its node, as DeepSpeed's launcher passes it (torchrun sets "
+                             "LOCAL_RANK instead); must agree with LOCAL_RANK when both are given")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     for name, (module_name, add_fn, _, help_text) in COMMANDS.items():
@@ -97,37 +105,46 @@ def _innermost(parser: argparse.ArgumentParser, args: argparse.Namespace) -> arg
     return parser
 
 
-def _size(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"
+LOCAL_RANK_FLAGS = ("--local_rank", "--local-rank")
 
 
-def free_space(path: str | Path) -> str:
-    """'X free of Y' on the file system that holds `path` (its nearest existing folder)."""
-    p = Path(path).absolute()
-    while not p.exists() and p != p.parent:
-        p = p.parent
-    try:
-        usage = shutil.disk_usage(p)
-    except OSError:
-        return "free space unknown"
-    return f"{_size(usage.free)} free of {_size(usage.total)}"
+def take_local_rank(argv: list[str], env: dict | None = None) -> list[str]:
+    """`argv` without a leading `--local_rank=N` / `--local_rank N` (what `deepspeed --module hvae_dist ...`
+    puts before the command), exported as LOCAL_RANK for `hvae_dist.distributed` (the one place that reads the
+    world). A value that contradicts LOCAL_RANK is an error: the process would pick one GPU and its peers another.
+    """
+    import os
 
+    from hvae_dist.errors import ConfigError
 
-def describe_os_error(e: OSError) -> str:
-    """One line for an OSError that names a file: the file, what went wrong, the free space there."""
-    reason = e.strerror or str(e)
-    where = f"{e.filename}: {reason} ({free_space(e.filename)} on its file system)"
-    if e.errno in (errno.ENOSPC, errno.EDQUOT):
-        return f"{where}; free some space or write somewhere else, then re-run"
-    return where
+    env = os.environ if env is None else env
+    if not argv or not argv[0].startswith(LOCAL_RANK_FLAGS):
+        return argv
+    flag, _, value = argv[0].partition("=")
+    if flag not in LOCAL_RANK_FLAGS:
+        return argv
+    rest = argv[1:]
+    if not value:
+        if not rest:
+            raise ConfigError(f"{flag} needs a value")
+        value, rest = rest[0], rest[1:]
+    if not value.isdigit():
+        raise ConfigError(f"{flag}={value}: expected a non-negative integer")
+    if env.get("LOCAL_RANK", value) != value:
+        raise ConfigError(f"{flag}={value} but LOCAL_RANK={env['LOCAL_RANK']}; give one, or the same value")
+    env["LOCAL_RANK"] = value
+    return rest
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    from hvae_dist.errors import ConfigError
+
+    try:
+        argv = take_local_rank(argv)
+    except ConfigError as e:   # one line and exit 2, like every user error
+        print(f"hvae: error: {e}", file=sys.stderr)
+        return 2
     command = argv[0] if argv and argv[0] in COMMANDS else None
     if command is None and argv and not argv[0].startswith("-"):
         build_parser("__none__").parse_args(argv)  # prints "invalid choice" and exits 2

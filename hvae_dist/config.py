@@ -1,13 +1,15 @@
 """Typed configuration: dataclasses for model, data and training; load, override, validate.
 
 A config is JSON with three sections, `model`, `data` and `train`; every key is a dataclass field
-below. Presets (`fashionmnist`, `cifar10`, `tiny`) are JSON files in `hvae_dist/presets/` that
-override the defaults. `--set section.key=value` overrides one field; the value is parsed as
-JSON when it parses (numbers, true/false, null, lists) and as a plain string otherwise.
+below. Presets (`tiny`, `fashionmnist`, `cifar10` and BIVA's `biva-tiny`, `biva-fashionmnist`,
+`biva-cifar10`) are JSON files in `hvae_dist/presets/` that override the defaults. `--set section.key=value`
+overrides one field; the value is parsed as JSON when it parses (numbers, true/false, null, lists) and as
+a plain string otherwise.
 Every error names the key, the value and what is allowed; every float must be finite (JSON's and
 `--set`'s Infinity / NaN are refused). Resuming a run may change every `train.*` key but
 `train.optimizer` (the checkpoint's optimizer state is that optimizer's) and the `data.*` keys of
 `RESUMABLE_DATA_KEYS` (they choose what is evaluated and where files are found, not what is trained).
+Keys of `REMOVED_KEYS` (removed fields) still load from old configs, with a FutureWarning, and are ignored.
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ import json
 import math
 import types
 import typing
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,7 +42,9 @@ LR_SCHEDULES = ("constant", "cosine")
 # data.* keys a resumed run may change (with every train.* key): the validation sets, and where the same
 # datasets' files are found. The others (dataset, binarize, max_train_examples, perturb_rate) change what
 # is trained.
-RESUMABLE_DATA_KEYS = ("val_datasets", "root", "download", "num_workers")
+RESUMABLE_DATA_KEYS = ("val_datasets", "root", "download")
+REMOVED_KEYS = {"data.num_workers": "it was never used (datasets are read in memory, in the main process)"}
+"""Fields that no longer exist: an old config.json / checkpoint / --set that has one loads with a FutureWarning."""
 INT64_MAX = 2**63 - 1
 """The largest integer an option may have: seeds, sample counts, shard numbers and sizes are stored in
 checkpoints and HDF5 files as int64."""
@@ -78,7 +83,8 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     dataset: str = "FashionMNIST"
-    """Training set name (see `hvae_dist.data.DATASET_NAMES`)."""
+    """Training set name (see `hvae_dist.data.DATASET_NAMES`), or a path to your own data (its `train` split,
+    the first 90% of the rows, is trained on; `hvae_dist/data/specs.py`)."""
     root: str | None = None
     """Folder with torchvision's files; unset: the offline sources of this package."""
     download: bool = False
@@ -91,8 +97,6 @@ class DataConfig:
     """Use only the first N training examples (quick runs)."""
     perturb_rate: float = 0.0
     """Background-model training (Ren et al. 2019): each pixel replaced by a uniform value with this probability."""
-    num_workers: int = 0
-    """DataLoader worker processes."""
 
 
 @dataclass
@@ -257,7 +261,8 @@ def config_differences(a: Any, b: Any, prefix: str = "") -> list[tuple[str, Any,
 def fixed_on_resume(cfg: dict) -> dict:
     """The part of a config dict that a resumed run must keep: model.*, and data.* but RESUMABLE_DATA_KEYS."""
     return {"model": dict(cfg.get("model", {})),
-            "data": {k: v for k, v in cfg.get("data", {}).items() if k not in RESUMABLE_DATA_KEYS}}
+            "data": {k: v for k, v in cfg.get("data", {}).items()
+                     if k not in RESUMABLE_DATA_KEYS and f"data.{k}" not in REMOVED_KEYS}}
 
 
 def describe_differences(diffs: list[tuple[str, Any, Any]], a_name: str, b_name: str, limit: int = 6) -> str:
@@ -312,6 +317,10 @@ def _section_from_dict(name: str, data: dict) -> Any:
     known = [f.name for f in dataclasses.fields(cls)]
     kwargs = {}
     for key, value in data.items():
+        if f"{name}.{key}" in REMOVED_KEYS:
+            warnings.warn(f"config key '{name}.{key}' is ignored and will be refused in a later version: "
+                          f"{REMOVED_KEYS[f'{name}.{key}']}; remove it", FutureWarning, stacklevel=2)
+            continue
         if key not in known:
             raise ConfigError(f"unknown config key '{name}.{key}'; allowed keys of '{name}': {', '.join(known)}")
         kwargs[key] = _check_type(f"{name}.{key}", value, hints[key])
@@ -436,10 +445,10 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"config key 'data.perturb_rate': {d.perturb_rate!r} must be in [0, 1)")
     if d.max_train_examples is not None:
         _check_positive("data.max_train_examples", d.max_train_examples)
-    _check_positive("data.num_workers", d.num_workers, allow_zero=True)
     for spec in d.val_datasets:
-        if not isinstance(spec, str) or spec.count(":") != 1:
-            raise ConfigError(f"config key 'data.val_datasets': {spec!r} must look like NAME:SPLIT")
+        if not isinstance(spec, str) or (spec.count(":") != 1 and not any(c in spec for c in "/.~")):
+            raise ConfigError(f"config key 'data.val_datasets': {spec!r} must look like NAME:SPLIT or be a path to "
+                              "your data (PATH[:SPLIT], hvae_dist/data/specs.py)")
     repeated = sorted({s for s in d.val_datasets if d.val_datasets.count(s) > 1})
     if repeated:
         raise ConfigError(f"config key 'data.val_datasets': {', '.join(repeated)} appears more than once")

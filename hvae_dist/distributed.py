@@ -124,11 +124,3 @@ def shutdown(world: World, exit_code: int = 0, exit_process: bool = True) -> Non
         sys.stderr.flush()
         os._exit(exit_code)
 
-
-def all_reduce_mean(t: torch.Tensor, world: World) -> torch.Tensor:
-    """Mean over ranks (identity in a single process)."""
-    if world.distributed:
-        t = t.clone()
-        torch.distributed.all_reduce(t)
-        t /= world.world_size
-    return t

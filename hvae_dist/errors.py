@@ -31,3 +31,8 @@ class SubmitError(HvaeError):
 
 class LockedError(HvaeError):
     """A run dir or shard file is held by another live process. The message names the holder."""
+
+
+class DataError(HvaeError, ValueError):
+    """A dataset file holds what the package cannot score (a wrong shape, dtype or value; an unreadable image).
+    The message names the file (and the row) and what was expected."""

@@ -1,13 +1,20 @@
 """Atomic file writes for every file the package writes (checkpoints, config.json, score files, reports, figures).
 
-    write_bytes_atomic(path, data)   temp file beside `path` (".NAME.PID.tmp"), write, fsync, rename over
-                                     `path`, fsync of the folder; the temp file is removed on any failure
+    write_atomic(path, write)        `write(f)` into a temp file beside `path` (".NAME.PID.tmp"), fsync,
+                                     rename over `path`, fsync of the folder; the temp file is removed on
+                                     any failure (torch.save streams a checkpoint through it)
+    write_bytes_atomic(path, data)   the same for bytes in memory (write_text_atomic: a str, UTF-8)
     hdf5_image(build)                an HDF5 file built in memory (h5py on a BytesIO), as bytes
     write_hdf5_atomic(path, build, reserve)
                                      an HDF5 file too large for memory (hvae merge's scores.h5), streamed
                                      into the temp file, then fsync and rename as above
     remove_stale_temps(path)         delete the temp files of `path` left by writers that died (SIGKILL)
     staged_folder(path, keep)        a folder replaced as a whole (a report): written beside, then swapped
+    describe_os_error(e)             the one line for an OSError naming a file: the file, the reason, the
+                                     free space of its file system (free_space) and what to do
+
+Every file written here gets mode 0o666 & ~umask (0644 under umask 022, 0664 under 002), like a file
+written with open(): checkpoints and config.json stay readable by colleagues on a shared project folder.
 
 So a crash or a full disk leaves the old file or none, never a torn or 0-byte one. Small HDF5 files are
 built in memory and written as bytes because libhdf5 reports a full disk late and badly: inside its
@@ -17,7 +24,7 @@ the memory: it allocates `reserve` bytes for the temp file first (posix_fallocat
 full disk before libhdf5 writes a byte), and libhdf5 writes through a file object that never hands it an
 I/O error (the first one is recorded, the write is abandoned at the next check, and the error is raised
 after libhdf5 has closed the file). Every OSError leaves here carrying the target's path
-(`OSError.filename`), which `hvae_dist.cli` turns into one line with the free space on that file system.
+(`OSError.filename`), which `hvae_dist.cli` turns into one line (`describe_os_error`).
 
 Every temp file is flock'ed by its writer for the writer's life, so a temp file whose lock can be taken
 belongs to a process that died (the OS releases a dead process's locks): `remove_stale_temps` deletes
@@ -36,6 +43,7 @@ import signal
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 from hvae_dist.signals import STOP_SIGNALS
 
@@ -80,11 +88,27 @@ def temp_path(path: Path) -> Path:
     return path.with_name(f".{path.name}.{os.getpid()}.tmp")
 
 
+def current_umask() -> int:
+    """The process's umask, read without changing it where Linux tells it (/proc/self/status, thread-safe)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def _open_temp(tmp: Path) -> int:
-    """Create (truncate) `tmp` and hold its flock: the mark of a live writer (see remove_stale_temps)."""
-    fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+    """Create (truncate) `tmp` with mode 0o666 & ~umask and hold its flock: the mark of a live writer (see
+    remove_stale_temps). The mode is set explicitly as well: a leftover temp file keeps its old mode."""
+    fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o666)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        os.fchmod(fd, 0o666 & ~current_umask())
     except OSError:
         os.close(fd)
         raise
@@ -138,31 +162,91 @@ def remove_stale_temps(path: str | Path) -> list[int]:
     return live
 
 
-def write_bytes_atomic(path: str | Path, data: bytes) -> Path:
-    """Write `data` to `path` atomically (see the module docstring); returns `path`."""
+class _WriteErrors:
+    """A binary file that remembers the OSError of a failed write: torch's zip writer reports a full disk as
+    a RuntimeError ("unexpected pos ..."), which names neither the cause nor the file."""
+
+    def __init__(self, f: BinaryIO):
+        self.f, self.error = f, None
+
+    def write(self, data) -> int:
+        try:
+            return self.f.write(data)
+        except OSError as e:
+            self.error = self.error or e
+            raise
+
+    def __getattr__(self, name: str):
+        return getattr(self.f, name)
+
+
+def write_atomic(path: str | Path, write: Callable[[BinaryIO], None]) -> Path:
+    """`write(f)` (f: a binary file) into a temp file beside `path`, fsync, rename over `path`, fsync the
+    folder; returns `path`. On any failure the temp file is removed and `path` is untouched. An OSError,
+    also one that `write` turned into another exception (torch: RuntimeError "unexpected pos"), is raised
+    as an OSError naming `path` (`describe_os_error` makes it one line)."""
     path = Path(path)
     tmp = temp_path(path)
-    fd = None
+    fd, sink = None, None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd = _open_temp(tmp)
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
+        with open(fd, "wb", closefd=False) as f:
+            sink = _WriteErrors(f)
+            write(sink)
         os.fsync(fd)
         os.replace(tmp, path)
     except BaseException as e:
         _discard(tmp, fd)
-        if isinstance(e, OSError):
-            raise with_path(e, path) from e
+        cause = e if isinstance(e, OSError) else (sink.error if sink is not None else None)
+        if cause is not None:
+            raise with_path(cause, path) from e
         raise
     os.close(fd)
     fsync_dir(path.parent)
     return path
 
 
+def write_bytes_atomic(path: str | Path, data: bytes) -> Path:
+    """Write `data` to `path` atomically (see write_atomic); returns `path`."""
+    return write_atomic(path, lambda f: f.write(data))
+
+
 def write_text_atomic(path: str | Path, text: str) -> Path:
+    """Write `text` (UTF-8) to `path` atomically (see write_atomic); returns `path`."""
     return write_bytes_atomic(path, text.encode("utf-8"))
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def free_space(path: str | Path) -> str:
+    """'X free of Y' on the file system that holds `path` (its nearest existing folder)."""
+    p = Path(path).absolute()
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    try:
+        usage = shutil.disk_usage(p)
+    except OSError:
+        return "free space unknown"
+    return f"{_size(usage.free)} free of {_size(usage.total)}"
+
+
+def describe_os_error(e: OSError) -> str:
+    """One line for an OSError that names a file: the file, what went wrong, the free space there, and
+    what to do for a full disk or a refused write."""
+    reason = e.strerror or str(e)
+    where = f"{e.filename}: {reason} ({free_space(e.filename)} on its file system)"
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return f"{where}; free some space or write somewhere else, then re-run"
+    if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return f"{where}; check the folder's permissions and file system, then re-run"
+    return where
 
 
 def hdf5_image(build: Callable) -> bytes:

@@ -117,10 +117,3 @@ class StreamingLogMeanExp:
     def mean(self) -> Tensor:
         return self.total / self.count
 
-
-def iw_bound(log_weights: Tensor, chunk: int | None = None) -> Tensor:
-    """(B, S) log-weights -> (B,) importance-weighted bound logsumexp(w) - log S (float64)."""
-    red = StreamingLogMeanExp()
-    for start in range(0, log_weights.shape[1], chunk or log_weights.shape[1]):
-        red.update(log_weights[:, start:start + (chunk or log_weights.shape[1])])
-    return red.result()

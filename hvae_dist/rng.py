@@ -3,7 +3,7 @@
 A value is a pure function of a tuple of integer counters (a seed, a stream, a step or dataset key, a
 row, an element), never of how the work was batched, chunked, sharded or spread over ranks, and it is
 computed on whatever device the counters live on. Training (`train.engine`: seed, step, global row of
-the batch) and scoring (`score.noise`: seed, dataset, example, sample) both draw through it.
+the batch) and scoring (`estimators.noise`: seed, dataset, example, sample) both draw through it.
 
 The hash is splitmix64 (Steele, Lea & Flood 2014) on int64 torch tensors, fully vectorised:
 

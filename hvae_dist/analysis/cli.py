@@ -9,6 +9,7 @@ Heavy imports (h5py, scikit-learn, matplotlib, torch) happen in `run`, so `hvae 
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 EXAMPLES = """examples:
@@ -34,7 +35,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tensorboard", metavar="DIR", default=None,
                         help="also log table, figures and metrics to TensorBoard: a run dir (uses its tb/) or "
                              "a TensorBoard log dir (default: no TensorBoard)")
-    parser.add_argument("--tb-step", type=int, default=0, metavar="N", help="global step for TensorBoard")
+    parser.add_argument("--tb-step", type=int, default=None, metavar="N",
+                        help="global step for TensorBoard (default: the step of the checkpoint the scores were made "
+                             "with, from the score file; 0 when it is unknown)")
     parser.add_argument("--scores", nargs="+", metavar="SCORE", default=None,
                         help="only these scores: ids (nll, lk1, llr2, complexity_png, background, typicality) or "
                              "families (nll lk llr complexity background typicality lid lidlin dual); default: all available")
@@ -43,7 +46,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from hvae_dist.analysis.metrics import run_analysis
-    from hvae_dist.analysis.report import format_text, report
+    from hvae_dist.analysis.report import checkpoint_step, format_text, report
     from hvae_dist.files import require_folder
     from hvae_dist.signals import stop_note
 
@@ -52,11 +55,18 @@ def run(args: argparse.Namespace) -> int:
         require_folder(args.tensorboard, "--tensorboard")
     result = run_analysis(args.file, args.in_dist, background=args.background, scores=args.scores,
                           figures=not args.no_plots)
+    tb_step = args.tb_step
+    if args.tensorboard and tb_step is None:
+        tb_step = checkpoint_step(result.attrs)
+        if tb_step is None:
+            print("hvae analyze: the checkpoint's step is not in the score file nor its checkpoint: TensorBoard "
+                  "step 0 (give --tb-step N)", file=sys.stderr)
+            tb_step = 0
     with stop_note(f"{out} holds the previous report (or none), unchanged; re-run to write the new one"):
-        written = report(result, out, plots=not args.no_plots, tensorboard=args.tensorboard, tb_step=args.tb_step)
+        written = report(result, out, plots=not args.no_plots, tensorboard=args.tensorboard, tb_step=tb_step or 0)
     print(format_text(result))
     print(f"\nwrote {len(written)} files to {out}"
-          + (f"; TensorBoard: {args.tensorboard}" if args.tensorboard else ""))
+          + (f"; TensorBoard: {args.tensorboard} at step {tb_step}" if args.tensorboard else ""))
     return 0
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import base64
 import html
-import io
 from typing import Any
 
 from hvae_dist.analysis.metrics import Analysis
@@ -21,9 +20,9 @@ code { background: #f3f3f3; padding: 0 3px; }
 
 
 def _png_data_uri(fig: Any, dpi: int = 110) -> str:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=dpi)
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+    from hvae_dist.analysis.plots import figure_png
+
+    return "data:image/png;base64," + base64.b64encode(figure_png(fig, dpi)).decode("ascii")
 
 
 def _metrics_table(result: Analysis) -> str:
@@ -48,7 +47,8 @@ def build_html(result: Analysis, figures: dict[str, Any]) -> str:
     a = result.attrs
     facts = [("score file", str(result.score_file)), ("in-distribution (negatives)", result.in_group),
              ("OOD sets (positives)", ", ".join(result.ood_groups))]
-    facts += [(k, str(a[k])) for k in ("model_checkpoint", "iw_samples", "ks", "seed", "created") if k in a]
+    facts += [(k, str(a[k])) for k in ("model_checkpoint", "model_step", "checkpoint_file", "iw_samples", "ks", "seed",
+                                       "created") if k in a]
     if result.background_file:
         facts.append(("background score file", str(result.background_file)))
     signs = "".join(f"<tr><td>{e(s.label)}</td><td><code>{e(s.id)}</code></td><td>{e(s.meaning)}</td></tr>"
@@ -57,7 +57,8 @@ def build_html(result: Analysis, figures: dict[str, Any]) -> str:
                    "</figcaption></figure>" for name, fig in figures.items())
     return ("<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\">"
             f"<title>OOD metrics: {e(result.in_group)}</title><style>{_CSS}</style></head><body>"
-            f"<h1>OOD metrics: {e(result.in_group)} vs {e(', '.join(result.ood_groups))}</h1>"
+            f"<h1>OOD metrics: {e(result.in_group)} vs {e(', '.join(result.ood_groups))}"
+            + (f" (checkpoint step {int(a['model_step'])})" if "model_step" in a else "") + "</h1>"
             "<table>" + "".join(f"<tr><th>{e(k)}</th><td>{e(v)}</td></tr>" for k, v in facts) + "</table>"
             "<h2>Metrics</h2><p>Negatives (label 0): in-distribution; positives (label 1): OOD; FPR80 = the false "
             "positive rate at a true positive rate of at least 0.8. Bold: the best AUROC per OOD set.</p>"

@@ -45,6 +45,7 @@ Python use::
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -54,6 +55,7 @@ import numpy as np
 from hvae_dist.analysis import dual_threshold as dual
 from hvae_dist.data import group_name
 from hvae_dist.errors import ConfigError, ScoreFileError
+from hvae_dist.estimators import names
 from hvae_dist.estimators.complexity import METHODS as COMPLEXITY_METHODS
 from hvae_dist.estimators.detection import compute_metrics
 from hvae_dist.score.reader import read_scores
@@ -75,9 +77,9 @@ class ScoreSpec:
 def score_specs(ks: list[int], extra_keys: set[str], background: bool, typicality_ref: str | None,
                 lid_attr: dict | None = None) -> list[ScoreSpec]:
     """The scores available for a file with these ks and extra datasets (and `lid` attribute), in table order."""
-    specs = [ScoreSpec("nll", "-ELBO", "nll", "-elbo: negative log-likelihood bound, nats (same ranking as bpd)")]
-    specs += [ScoreSpec(f"lk{k}", f"-L>{k}", "lk", f"-lk[k={k}]: negative L>{k} bound, nats") for k in ks]
-    specs += [ScoreSpec(f"llr{k}", f"LLR>{k}", "llr", f"llr[k={k}] = elbo - L>{k}, as stored") for k in ks]
+    specs = [ScoreSpec(names.NLL, "-ELBO", "nll", "-elbo: negative log-likelihood bound, nats (same ranking as bpd)")]
+    specs += [ScoreSpec(names.lk(k), f"-L>{k}", "lk", f"-lk[k={k}]: negative L>{k} bound, nats") for k in ks]
+    specs += [ScoreSpec(names.llr(k), f"LLR>{k}", "llr", f"llr[k={k}] = elbo - L>{k}, as stored") for k in ks]
     specs += [ScoreSpec(f"complexity_{m}", f"-ELBO-C_{m}", "complexity",
                         f"-elbo - complexity_{m}: NLL minus {m} compressed size, nats (Serra et al.)")
               for m in COMPLEXITY_METHODS if f"complexity_{m}" in extra_keys]
@@ -245,9 +247,11 @@ def fields_needed(specs: list[ScoreSpec], figures: bool) -> list[str]:
 
 
 def find_group(path: Path, groups: dict[str, Any], spec: str) -> str:
-    """The group of `groups` that NAME:SPLIT (or NAME/SPLIT) `spec` names; names match case-insensitively, as
-    `hvae score --datasets` takes them (fashionmnist:test is FashionMNIST/test). ScoreFileError otherwise."""
-    wanted = group_name(spec) if ":" in spec or "/" not in spec else spec
+    """The group of `groups` that NAME:SPLIT (or NAME/SPLIT, or a file dataset's spec: its group, `data.specs`)
+    `spec` names; names match case-insensitively, as `hvae score --datasets` takes them (fashionmnist:test is
+    FashionMNIST/test). ScoreFileError otherwise."""
+    path_like = spec.startswith(("/", ".", "~")) or os.path.exists(spec.split("#")[0])   # a file dataset's spec
+    wanted = group_name(spec) if ":" in spec or "/" not in spec or path_like else spec
     if wanted in groups:
         return wanted
     same = [g for g in groups if g.lower() == wanted.lower()]

@@ -26,6 +26,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from hvae_dist.estimators import names
+
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
@@ -40,6 +42,23 @@ figure's pixels, and fast to render where the curve of 2 x 10^5 drawn rows has a
 def file_stem(group: str) -> str:
     """"MNIST/test" -> "MNIST_test": safe in file names and TensorBoard tags."""
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", group)
+
+
+def wrap_title(text: str, width_in: float, fontsize: float = 12.0) -> str:
+    """`text` broken at spaces into lines that fit `width_in` inches at `fontsize` points (a long dataset name
+    would be cut at the figure's edge: constrained layout shrinks axes, never titles). A word longer than a line
+    stays whole; the tight bounding box of `save_figures` keeps it in the image."""
+    import textwrap
+
+    chars = max(int(width_in * 72 / (fontsize * 0.55)), 12)
+    return "\n".join(textwrap.wrap(text, chars, break_long_words=False, break_on_hyphens=False)) or text
+
+
+def figure_png(fig: Figure, dpi: int = 120) -> bytes:
+    """The PNG of `fig` with a tight bounding box: nothing drawn (titles, labels, legends) falls outside."""
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=dpi, bbox_inches="tight", pad_inches=0.08)
+    return png.getvalue()
 
 
 def _new_figure(ncols: int, width: float = 4.2, height: float = 3.4) -> tuple[Figure, list[Any]]:
@@ -69,7 +88,7 @@ def roc_figure(result: Analysis, ood: str) -> Figure:
     ax.plot([0, 1], [0, 1], color="0.6", ls=":", lw=1)
     ax.axhline(0.8, color="0.8", lw=0.8)
     ax.set(xlim=(0, 1), ylim=(0, 1.01), xlabel="false positive rate (in-dist flagged)",
-           ylabel="true positive rate (OOD flagged)", title=f"{result.in_group} vs {ood}")
+           ylabel="true positive rate (OOD flagged)", title=wrap_title(f"{result.in_group} vs {ood}", 5.0))
     ax.legend(loc="lower right", fontsize=7, title="score (AUROC)", title_fontsize=7)
     return fig
 
@@ -82,7 +101,7 @@ def _histogram_panels(result: Analysis) -> list[tuple[str, dict[str, np.ndarray]
     return panels
 
 
-def _draw_histograms(ax: Any, title: str, series: dict[str, np.ndarray]) -> None:
+def _draw_histograms(ax: Any, title: str, series: dict[str, np.ndarray], legend: bool = True) -> None:
     """Density histograms on shared bins spanning the central 99.8% of the values (tails clipped in)."""
     allv = np.concatenate([v[np.isfinite(v)] for v in series.values()])
     if allv.size == 0:
@@ -99,7 +118,14 @@ def _draw_histograms(ax: Any, title: str, series: dict[str, np.ndarray]) -> None
         ax.hist(v, bins=bins, density=True, histtype="stepfilled", alpha=0.3, color=color, label=name)
         ax.hist(v, bins=bins, density=True, histtype="step", lw=1, color=color)
     ax.set(title=title, ylabel="density")
-    ax.legend(fontsize=7)
+    if legend:
+        ax.legend(fontsize=7)
+
+
+def _legend_below(fig: Figure, ax: Any) -> None:
+    """One legend for every panel, below them (long dataset names would cover the histograms)."""
+    handles, labels = ax.get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside lower center", ncols=min(len(labels), 3), fontsize=8, frameon=False)
 
 
 def histogram_figure(result: Analysis, groups: list[str]) -> Figure:
@@ -107,8 +133,9 @@ def histogram_figure(result: Analysis, groups: list[str]) -> Figure:
     panels = _histogram_panels(result)
     fig, axes = _new_figure(len(panels))
     for ax, (title, series) in zip(axes, panels):
-        _draw_histograms(ax, title, {g: series[g] for g in groups})
-    fig.suptitle(" vs ".join(groups), fontsize=9)
+        _draw_histograms(ax, title, {g: series[g] for g in groups}, legend=False)
+    _legend_below(fig, axes[0])
+    fig.suptitle(wrap_title(" vs ".join(groups), 4.2 * len(panels), 9), fontsize=9)
     return fig
 
 
@@ -118,7 +145,9 @@ def kl_figure(result: Analysis) -> Figure:
     num_layers = result.groups[result.in_group]["kl"].shape[1]
     fig, axes = _new_figure(num_layers, width=3.4, height=3.0)
     for i, ax in enumerate(axes):
-        _draw_histograms(ax, f"KL of layer {i + 1} (nats)", {g: result.groups[g]["kl"][:, i] for g in groups})
+        _draw_histograms(ax, f"KL of layer {i + 1} (nats)", {g: result.groups[g]["kl"][:, i] for g in groups},
+                         legend=False)
+    _legend_below(fig, axes[0])
     fig.suptitle("KL per latent layer: what each layer spends on the data", fontsize=9)
     return fig
 
@@ -135,7 +164,7 @@ def auroc_by_k_figure(result: Analysis) -> Figure:
             ax.axhline(auroc[(ood, "nll")], color=f"C{i}", ls="--", lw=0.8)
     ax.axhline(0.5, color="0.7", ls=":", lw=0.8)
     ax.set(xlabel="k (layers decoded from the prior)", ylabel="AUROC", ylim=(0, 1.02), xticks=ks,
-           title=f"AUROC of LLR>k, in-dist {result.in_group} (dashed: -ELBO)")
+           title=wrap_title(f"AUROC of LLR>k, in-dist {result.in_group} (dashed: -ELBO)", 5.0))
     ax.legend(fontsize=7)
     return fig
 
@@ -196,9 +225,7 @@ def save_figures(figures: dict[str, Figure], out: Path, dpi: int = 120) -> list[
 
     paths = []
     for name, fig in figures.items():
-        png = io.BytesIO()
-        fig.savefig(png, format="png", dpi=dpi)
-        paths.append(write_bytes_atomic(out / f"{name}.png", png.getvalue()))
+        paths.append(write_bytes_atomic(out / f"{name}.png", figure_png(fig, dpi)))
     return paths
 
 
@@ -212,7 +239,8 @@ def tensorboard_dir(path: str | Path) -> Path:
 
 def write_tensorboard(path: str | Path, result: Analysis, markdown: str, figures: dict[str, Figure],
                       step: int = 0) -> Path:
-    """Log the metrics table (text), the figures and every metric (scalar `ood/<METRIC>/<OOD>/<score id>`)."""
+    """Log the metrics table (text), the figures and every metric (scalar `ood/<metric>/<OOD>/<score id>`,
+    `estimators.names.metric_key`)."""
     from torch.utils.tensorboard import SummaryWriter
 
     log_dir = tensorboard_dir(path)
@@ -223,7 +251,7 @@ def write_tensorboard(path: str | Path, result: Analysis, markdown: str, figures
             writer.add_figure(f"ood/{file_stem(result.in_group)}/{name}", fig, global_step=step, close=False)
         for r in result.rows:
             for metric in ("auroc", "auprc", "fpr80"):
-                writer.add_scalar(f"ood/{metric.upper()}/{file_stem(r['ood'])}/{r['score']}", r[metric],
+                writer.add_scalar(names.metric_key("ood", metric, file_stem(r["ood"]), r["score"]), r[metric],
                                   global_step=step)
     finally:
         writer.close()

@@ -8,6 +8,7 @@ for why the lower latents are what makes the likelihood fail for OOD detection.
 """
 from __future__ import annotations
 
+import io
 import itertools
 import math
 from collections.abc import Sequence
@@ -16,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from hvae_dist.estimators.reconstructions import DEFAULT_TEMPERATURES, ReconstructionGrid, reconstruction_grid
+from hvae_dist.files import write_bytes_atomic
 
 
 def grid_figure(grid: ReconstructionGrid, title: str = ""):
@@ -25,9 +27,10 @@ def grid_figure(grid: ReconstructionGrid, title: str = ""):
 
     img = grid.image.permute(1, 2, 0).numpy()                              # H', W', C
     rows, cols, _, h, w = grid.cells.shape
-    fig = Figure(figsize=(max(4.0, 0.75 * cols + 1.5), max(3.0, 0.75 * rows + 1.0)))
+    # Constrained layout sizes the margins to the labels (a fixed axes box cut "ST-inverted/test" at the left).
+    fig = Figure(figsize=(max(4.0, 0.75 * cols + 1.5), max(3.0, 0.75 * rows + 1.0)), layout="constrained")
     FigureCanvasAgg(fig)
-    ax = fig.add_axes([0.14, 0.02, 0.84, 0.88])
+    ax = fig.add_subplot()
     ax.imshow(img, interpolation="nearest")
     ax.set_xticks([2 + c * (w + 2) + w / 2 for c in range(cols)], grid.columns, rotation=45, fontsize=8)
     ax.xaxis.tick_top()
@@ -40,16 +43,11 @@ def grid_figure(grid: ReconstructionGrid, title: str = ""):
 
 
 def write_grid_png(grid: ReconstructionGrid, path: str | Path, title: str = "", dpi: int = 120) -> Path:
-    """Save the labelled grid as a PNG (written to a temp file beside `path`, then renamed)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        grid_figure(grid, title).savefig(tmp, dpi=dpi, format="png")
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    """Save the labelled grid as a PNG (rendered in memory with a tight box, so that a label longer than the
+    figure is wide still shows whole; then `files.write_bytes_atomic`)."""
+    buf = io.BytesIO()
+    grid_figure(grid, title).savefig(buf, dpi=dpi, format="png", bbox_inches="tight", pad_inches=0.08)
+    return write_bytes_atomic(path, buf.getvalue())
 
 
 __all__ = ["DEFAULT_TEMPERATURES", "ReconstructionGrid", "grid_figure", "reconstruction_grid", "visualize_run",
@@ -61,9 +59,9 @@ def visualize_run(run_dir: str | Path, datasets: Sequence[str], out: str | Path 
                   use_ema: bool = True, data_root: str | None = None) -> Path:
     """`hvae visualize`: the grid of a run's checkpoint for `datasets` (NAME:SPLIT), written to
     OUT/reconstructions.png (OUT defaults to RUN_DIR/visualize). Returns the PNG's path."""
-    from hvae_dist.checkpoint import load_model_for_eval
+    from hvae_dist.checkpoint import load_for_eval
     from hvae_dist.config import check_int_range
-    from hvae_dist.data import check_image_shape, get_dataset, group_name, parse_dataset_spec
+    from hvae_dist.data import check_image_shape, open_dataset, parse_specs
     from hvae_dist.errors import ConfigError
 
     if examples < 1:
@@ -73,14 +71,13 @@ def visualize_run(run_dir: str | Path, datasets: Sequence[str], out: str | Path 
     if bad:
         raise ConfigError(f"--temperatures {' '.join(map(str, bad))}: each temperature scales the prior's standard "
                           "deviation, so give finite numbers >= 0 (0: the prior modes)")
-    model, cfg, ckpt = load_model_for_eval(run_dir, checkpoint, use_ema)
+    model, cfg, ckpt, step = load_for_eval(run_dir, checkpoint, use_ema)
     images = {}
-    for spec in datasets:
-        name, split = parse_dataset_spec(spec)
-        ds = get_dataset(name, split, data_root or cfg.data.root, False, examples)
-        check_image_shape(f"dataset {name}:{split}", ds.shape, model.input_shape, "the model takes")
-        images[group_name(f"{name}:{split}")] = np.asarray(ds.images)
+    for spec in parse_specs(datasets):
+        ds = open_dataset(spec, data_root or cfg.data.root, False, max_examples=examples)
+        check_image_shape(f"dataset {spec}", ds.shape, model.input_shape, "the model takes")
+        images[spec.group] = np.asarray(ds.images)
     grid = reconstruction_grid(model, images, cfg.data.binarize, seed, temperatures)
     target = Path(out) if out else Path(run_dir) / "visualize"
-    title = f"{Path(run_dir).name}: {cfg.model.type}, {Path(ckpt).name}"
+    title = f"{Path(run_dir).name}: {cfg.model.type}, {Path(ckpt).name} (step {step})"
     return write_grid_png(grid, target / "reconstructions.png", title)

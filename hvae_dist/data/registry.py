@@ -30,7 +30,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from hvae_dist.data import sources, variants
+from hvae_dist.data import sources, specs, variants
+from hvae_dist.data.specs import DatasetSpec
 from hvae_dist.errors import ConfigError, DatasetUnavailableError
 
 DATASET_NAMES = ("MNIST", "FashionMNIST", "KMNIST", "AnimalMNIST", "CIFAR10", "CIFAR100", "SVHN", "Digits",
@@ -73,6 +74,28 @@ def parse_dataset_spec(spec: str) -> tuple[str, str]:
     except ConfigError as e:
         raise ConfigError(f"in dataset spec {spec!r}: {e}") from None
     return name, _check_split(split, spec)
+
+
+def parse_spec(text) -> DatasetSpec:
+    """The DatasetSpec of any dataset spec: a registry set NAME[-VARIANT]...:SPLIT or a file dataset (a path;
+    syntax in `specs.py`). ConfigError naming the spec when malformed."""
+    if isinstance(text, DatasetSpec):
+        return text
+    if not isinstance(text, str) or not text.strip():
+        raise ConfigError(f"dataset spec {text!r}: expected NAME:SPLIT (e.g. FashionMNIST:test) or a path to your data")
+    if specs.is_file_spec(text, DATASET_NAMES):
+        return specs.parse_file_spec(text)
+    try:
+        name, split = parse_dataset_spec(text.strip())
+    except ConfigError as e:
+        raise ConfigError(f"{e}; or give a path to your own data (an .npy / .npz / .h5 file or a folder of images, "
+                          "e.g. ./mypngs or ./x.npy:all)") from None
+    return DatasetSpec(name, split, text=text.strip())
+
+
+def parse_specs(texts) -> list[DatasetSpec]:
+    """parse_spec of each; ConfigError when two give the same score-file group."""
+    return specs.check_distinct([parse_spec(t) for t in texts])
 
 
 # ----------------------------------------------------------------------------------------------- splits
@@ -147,6 +170,22 @@ def _how_to_get(name: str, split: str, root: str | None, download: bool, hint: R
         if download and not root:
             lines.append("  note: download=True does nothing without a root directory to download into.")
     return "\n".join(lines)
+
+
+DATA_ROOT_ENV = "HVAE_DATA_ROOT"
+"""The environment variable of the default dataset root. Precedence: a command's --data-root, then the
+config's data.root, then $HVAE_DATA_ROOT, then the offline copies of this package (no root)."""
+
+
+def resolve_root(root: str | os.PathLike | None, hint: RootHint = SET_ROOT) -> tuple[str | None, RootHint]:
+    """(`root`, `hint`) when a root is given; else $HVAE_DATA_ROOT (when set and not empty), with a hint that
+    names the variable in errors; else (None, hint): the offline copies."""
+    if root:
+        return os.fspath(root), hint
+    env = os.environ.get(DATA_ROOT_ENV, "")
+    if env:
+        return env, RootHint(f"${DATA_ROOT_ENV}", f"{hint.set_root} (or set ${DATA_ROOT_ENV}=DIR)", hint.download)
+    return None, hint
 
 
 def _normalize_root(root: str | os.PathLike | None) -> str | None:
@@ -279,9 +318,11 @@ def load_arrays(name: str, split: str, root: str | None = None, download: bool =
 
     Cached in-process (lru); the returned arrays are read-only views of the cache (copy before editing).
     See the module docstring for the split definitions and the order in which sources are tried.
+    Without `root`, $HVAE_DATA_ROOT when set (`resolve_root`).
     Unknown name/split -> ConfigError; a missing or empty `root` (without download) or no source ->
     DatasetUnavailableError saying how to get the set, with the options of `hint` (the calling command's).
     """
+    root, hint = resolve_root(root, hint)
     name, split, root = canonical_name(name), _check_split(split), _normalize_root(root)
     base = variants.split_name(name)[0]
     _check_root(base, split, root, bool(download), hint)
@@ -299,7 +340,8 @@ class ArrayDataset(torch.utils.data.Dataset):
     """
 
     def __init__(self, images: np.ndarray, labels: np.ndarray | None = None, name: str = "", split: str = ""):
-        images = np.asarray(images)
+        if not (isinstance(images, LazyVariants) or getattr(images, "lazy", False)):
+            images = np.asarray(images)   # a lazy stack (LazyVariants, file_datasets.LazyImages) reads rows on demand
         if images.dtype != np.uint8 or images.ndim != 4:
             raise ConfigError(f"ArrayDataset images must be uint8 (N, C, H, W), got {images.dtype} {images.shape}")
         if labels is None:
@@ -353,12 +395,66 @@ def get_dataset(name: str, split: str, root: str | None = None, download: bool =
     return ArrayDataset(images, labels, canon, split)
 
 
+class LazyVariants:
+    """The images of a registry set with variants, transformed when rows are read: `images[idx]` (an int array,
+    a slice or an int) gives uint8 (B, C, H, W) of those rows after the variants, equal to the same rows of
+    the whole split's variant, so a subset never transforms (or holds) the whole split."""
+
+    dtype = np.dtype(np.uint8)
+    ndim = 4
+    lazy = True
+
+    def __init__(self, base: np.ndarray, tokens: list[str]):
+        self.base, self.tokens = base, list(tokens)
+        self.shape = (len(base), *_variant_shape(base.shape[1:], self.tokens))
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, idx) -> np.ndarray:
+        if np.ndim(idx) == 0 and not isinstance(idx, slice):
+            return self[np.array([int(idx)])][0]
+        images = self.base[idx]
+        for token in self.tokens:
+            images = variants.apply_variant(images, token)
+        return np.ascontiguousarray(images, dtype=np.uint8)
+
+    def __array__(self, dtype=None, copy=None):
+        _check_variant_size("-".join(["images", *self.tokens]), "all rows", self.base.shape, self.tokens)
+        a = self[np.arange(len(self))]
+        return a if dtype is None else a.astype(dtype)
+
+
+def open_dataset(spec, root: str | None = None, download: bool = False, hint: RootHint = SET_ROOT,
+                 max_examples: int | None = None):
+    """The dataset of a spec (a string or a `specs.DatasetSpec`): a registry set (`get_dataset`; variants
+    applied lazily, rows read on demand) or a file dataset (`file_datasets.FileDataset`, read lazily). With
+    `max_examples`, the first N rows in memory (an ArrayDataset). Either has `images` (`images[idx]`: uint8
+    (B, C, H, W)), `labels` int64 (N,) (-1 unknown), `shape` (C, H, W), `name`, `split`."""
+    spec = parse_spec(spec)
+    if spec.is_file:
+        from hvae_dist.data.file_datasets import open_file_dataset
+
+        ds = open_file_dataset(spec)
+        if max_examples is None:
+            return ds
+        n = min(int(max_examples), len(ds))
+        return ArrayDataset(ds.images[np.arange(n)], ds.labels[:n], spec.name, spec.split)
+    if max_examples is not None:
+        return get_dataset(spec.name, spec.split, root, download, max_examples, hint)
+    base, tokens = variants.split_name(spec.name)
+    images, labels = load_arrays(base, spec.split, root, download, hint)
+    return ArrayDataset(LazyVariants(images, tokens) if tokens else images, labels, spec.name, spec.split)
+
+
 def group_name(spec: str) -> str:
     """"FashionMNIST:test" -> "FashionMNIST/test", the score file's group of a NAME:SPLIT spec.
 
     Syntax only (any name; analysis reads files of any origin): `hvae score` canonicalizes the dataset
     name with `data.parse_dataset_spec` first.
     """
+    if specs.is_file_spec(spec, DATASET_NAMES):
+        return specs.parse_file_spec(spec).group          # a file dataset: its group (specs.py)
     name, sep, split = spec.partition(":")
     if not sep or not name or not split or "/" in name or ":" in split:
         raise ConfigError(f"dataset {spec!r}: expected NAME:SPLIT, e.g. FashionMNIST:test")

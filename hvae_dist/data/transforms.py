@@ -9,26 +9,25 @@ from __future__ import annotations
 import torch
 
 from hvae_dist.config import BINARIZE_MODES
-from hvae_dist.errors import ConfigError
 
 
 def _check_uint8(x: torch.Tensor, what: str) -> None:
     if not isinstance(x, torch.Tensor) or x.dtype != torch.uint8:
         got = x.dtype if isinstance(x, torch.Tensor) else type(x).__name__
-        raise ConfigError(f"{what} expects a uint8 tensor of pixels 0..255, got {got}")
+        raise TypeError(f"{what} expects a uint8 tensor of pixels 0..255, got {got}")
 
 
 def _uniform(x: torch.Tensor, source) -> torch.Tensor:
     """U[0, 1) float32 noise shaped like x: from an explicit tensor, a Generator, or the global RNG."""
     if isinstance(source, torch.Tensor):
         if source.shape != x.shape:
-            raise ConfigError(f"noise tensor has shape {tuple(source.shape)}, expected {tuple(x.shape)} (like x)")
+            raise ValueError(f"noise tensor has shape {tuple(source.shape)}, expected {tuple(x.shape)} (like x)")
         return source.to(device=x.device, dtype=torch.float32)
     if isinstance(source, torch.Generator):
         return torch.rand(x.shape, generator=source, device=source.device).to(x.device)
     if source is None:
         return torch.rand(x.shape, device=x.device)
-    raise ConfigError(f"generator_or_noise must be a torch.Generator, a noise tensor or None, got {type(source).__name__}")
+    raise TypeError(f"generator_or_noise must be a torch.Generator, a noise tensor or None, got {type(source).__name__}")
 
 
 def preprocess_batch(x_uint8: torch.Tensor, mode: str, generator_or_noise=None) -> torch.Tensor:
@@ -40,10 +39,10 @@ def preprocess_batch(x_uint8: torch.Tensor, mode: str, generator_or_noise=None) 
       noise that depends only on the example), or None (global RNG).
     - ``static``: deterministic threshold x / 255 > 0.5 (pixels >= 128) in {0, 1}.
     - ``dequantize``: (x + u) / 256 in [0, 1), u ~ U[0, 1) drawn as for ``dynamic``.
-    Unknown mode -> ConfigError.
+    Unknown mode -> ValueError, x not uint8 -> TypeError (the config is validated before: these are bugs).
     """
     if mode not in BINARIZE_MODES:
-        raise ConfigError(f"unknown preprocess mode {mode!r}; allowed: {', '.join(BINARIZE_MODES)}")
+        raise ValueError(f"unknown preprocess mode {mode!r}; allowed: {', '.join(BINARIZE_MODES)}")
     _check_uint8(x_uint8, "preprocess_batch")
     if mode == "none":
         return x_uint8.to(torch.float32) / 255.0
@@ -66,7 +65,7 @@ def perturb(x_uint8: torch.Tensor, rate: float, generator_or_noise=None) -> torc
     _check_uint8(x_uint8, "perturb")
     rate = float(rate)
     if not 0.0 <= rate <= 1.0:
-        raise ConfigError(f"perturb rate must be in [0, 1], got {rate}")
+        raise ValueError(f"perturb rate must be in [0, 1], got {rate}")
     if rate == 0.0:
         return x_uint8.clone()
     u = _uniform(x_uint8, generator_or_noise)

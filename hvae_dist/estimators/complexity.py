@@ -17,8 +17,6 @@ import zlib
 
 import numpy as np
 
-from hvae_dist.errors import ConfigError
-
 METHODS = ("png", "zlib")
 NATS_PER_BYTE = 8.0 * math.log(2.0)  # 1 byte = 8 bits = 8 ln 2 nats
 
@@ -51,12 +49,12 @@ def compressed_size_nats(x_uint8: np.ndarray, method: str) -> np.ndarray:
         (N,) float64: bytes * 8 * ln 2.
     """
     if method not in METHODS:
-        raise ConfigError(f"compression method {method!r} is not one of {', '.join(METHODS)}")
+        raise ValueError(f"compression method {method!r} is not one of {', '.join(METHODS)}")
     x = np.asarray(x_uint8)
     if x.dtype != np.uint8:
-        raise ConfigError(f"compressed_size_nats needs uint8 images (0..255), got dtype {x.dtype}")
+        raise TypeError(f"compressed_size_nats needs uint8 images (0..255), got dtype {x.dtype}")
     if x.ndim != 4:
-        raise ConfigError(f"compressed_size_nats needs (N, C, H, W) images, got shape {x.shape}")
+        raise ValueError(f"compressed_size_nats needs (N, C, H, W) images, got shape {x.shape}")
     sizes = np.empty(x.shape[0], dtype=np.float64)  # N
     for i in range(x.shape[0]):
         image = np.ascontiguousarray(x[i])  # C, H, W

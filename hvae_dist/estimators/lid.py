@@ -58,7 +58,7 @@ from hvae_dist.config import check_int_range
 from hvae_dist.errors import ConfigError
 from hvae_dist.estimators import noise as noise_mod
 from hvae_dist.model import lk_modes
-from hvae_dist.nn.likelihoods import Bernoulli, DiscretizedLogistic, DiscretizedLogisticMixture, Gaussian
+from hvae_dist.nn.likelihoods import Bernoulli, DiscretizedLogistic, DiscretizedLogisticMixture, GaussianLikelihood
 
 DEFAULT_SCALES = (0.1, 1.0)
 """delta of the LID estimates, in units of the decoder mean (pixel values in [0, 1]) per unit of latent."""
@@ -111,7 +111,7 @@ def decoder_mean(likelihood, params: Tensor) -> Tensor:
     """The likelihood's mean image (B, C, H, W), differentiable in params (see the module docstring)."""
     if isinstance(likelihood, Bernoulli):
         return torch.sigmoid(params)
-    if isinstance(likelihood, Gaussian):
+    if isinstance(likelihood, GaussianLikelihood):
         return likelihood._split(params)[0]
     if isinstance(likelihood, DiscretizedLogistic):
         params = likelihood._mixture_params(params)

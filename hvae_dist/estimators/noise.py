@@ -5,7 +5,9 @@ Every random number the scorer uses is a pure function (`hvae_dist.rng`, the pac
 
     (seed, dataset key, stream, example index i, sample index s, element j)
 
-where the dataset key is the 64-bit prefix of sha256("<Name>/<split>"), and the stream is
+where the dataset key is the 64-bit prefix of sha256("<Name>/<split>") (the score file's group name; for a
+file dataset its group, e.g. "my_pngs/all", `hvae_dist.data.specs`), i the position in the source split
+(`index`, whatever subset is scored), and the stream is
 `DATA_STREAM` (0) for the per-pixel uniforms of dynamic binarization / dequantization (no s), or
 `bound_stream(k)` = 1 + k for the posterior noise of the L>k bound (k = 0 is the ELBO, so the ELBO
 and L>0 share their noise and LLR>0 = 0 exactly). Element j counts the latent elements of all layers

@@ -30,7 +30,7 @@ from hvae_dist.data import preprocess_batch
 from hvae_dist.errors import ConfigError
 from hvae_dist.estimators import noise as noise_mod
 from hvae_dist.estimators.rows import resolve_sample_chunk
-from hvae_dist.model import SAMPLE, HierarchicalVAE, lk_modes
+from hvae_dist.model import SAMPLE, HierarchicalModel, lk_modes
 from hvae_dist.nn.precision import autocast_context
 from hvae_dist.objectives import StreamingLogMeanExp, bits_per_dim
 
@@ -95,9 +95,9 @@ class ScoreSettings:
 
 
 class IWScorer:
-    """Scores batches of uint8 images with a HierarchicalVAE; see the module docstring."""
+    """Scores batches of uint8 images with a HierarchicalModel (any hierarchy); see the module docstring."""
 
-    def __init__(self, model: HierarchicalVAE, settings: ScoreSettings, device: torch.device | str | None = None):
+    def __init__(self, model: HierarchicalModel, settings: ScoreSettings, device: torch.device | str | None = None):
         self.model = model.eval()
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
         self.settings = settings.resolved(model.num_layers)

@@ -19,7 +19,8 @@ EXAMPLES = """examples:
   hvae demo                                   # about 10 min of training + scoring on a CPU -> runs/demo/
   hvae demo --minutes 2 --iw-samples 8 --max-examples 200 --out runs/quick
   hvae demo --config biva-tiny --out runs/demo-biva   # the same with the BIVA model
-Re-running with the same --out resumes the run and rescores; the report is runs/demo/report/metrics.md."""
+Re-running with the same --out resumes the run and rescores; the report is runs/demo/scores/analysis/report.html
+(where `hvae analyze runs/demo/scores/scores.h5` writes it too)."""
 
 
 def add_demo_arguments(p: argparse.ArgumentParser) -> None:
@@ -42,7 +43,9 @@ def run_demo(args: argparse.Namespace) -> int:
     from hvae_dist.experiments import stages
 
     out = Path(args.out)
-    run_dir, scores, report = out / "run", out / "scores", out / "report"
+    # The report goes where `hvae analyze` and `hvae submit` put it by default: the score folder's analysis/.
+    run_dir, scores = out / "run", out / "scores"
+    report = scores / "analysis"
     t0 = time.monotonic()
     minutes = f"train.max_minutes={args.minutes}"
     if (run_dir / "config.json").exists():  # resume the same run; its config stays as it was
@@ -55,8 +58,9 @@ def run_demo(args: argparse.Namespace) -> int:
     t2 = time.monotonic()
     stages.analyze(scores / "scores.h5", args.datasets[0], report)
     print(f"\ndemo done: training {(t1 - t0) / 60:.1f} min, scoring {(t2 - t1) / 60:.1f} min. "
-          f"Report: {report}/metrics.md, TensorBoard: tensorboard --logdir {run_dir / 'tb'}")
+          f"Tables: {report}/metrics.md, TensorBoard: tensorboard --logdir {run_dir / 'tb'}")
     print("The paper (Havtorn et al. 2021, FashionMNIST -> MNIST): AUROC of log p(x) well below 0.5, LLR>1 0.986.")
+    print(f"Report: open {report / 'report.html'}")
     return 0
 
 

@@ -24,6 +24,7 @@ from pathlib import Path
 
 from hvae_dist.errors import DatasetUnavailableError, HvaeError
 from hvae_dist.experiments import stages
+from hvae_dist.files import write_bytes_atomic, write_text_atomic
 
 IN_DISTS = ("FashionMNIST", "MNIST")
 # (trained on, paper's OOD name) -> (paper's k, paper's AUROC of LLR>k)
@@ -78,7 +79,7 @@ def _stage(folder: Path, what: str, run: Callable[[], object]) -> None:
     except HvaeError as e:
         raise type(e)(f"{what}: {e}; re-run `hvae poster` with the same --out to continue where it stopped") from e
     folder.mkdir(parents=True, exist_ok=True)
-    marker.write_text(time.strftime("%Y-%m-%dT%H:%M:%SZ\n", time.gmtime()))
+    write_text_atomic(marker, time.strftime("%Y-%m-%dT%H:%M:%SZ\n", time.gmtime()))
 
 
 def run_poster(out: str | Path, minutes: float = 30.0, config: str = "tiny", iw_samples: int = 64,
@@ -142,12 +143,11 @@ def _fmt(v) -> str:
 
 
 def _write_table(out: Path, rows: list[dict], minutes: float, iw_samples: int, max_examples: int) -> Path:
-    from hvae_dist.files import write_bytes_atomic
 
     head = ["trained on", "OOD (paper)", "OOD (ours)", "k", "paper AUROC LLR>k", "ours AUROC LLR>k",
             "ours AUROC -ELBO", "ours best k (AUROC)", "note"]
     lines = [f"# The paper's table, ours beside it ({minutes:g} min of training per model, S = {iw_samples}, "
-             f"first {max_examples} examples per set)", "", "| " + " | ".join(head) + " |",
+             f"{max_examples} examples per set, a seeded subset stratified by class)", "", "| " + " | ".join(head) + " |",
              "|" + "---|" * len(head)]
     for r in rows:
         best = f"{r['ours_best_k']} ({_fmt(r['ours_best_auroc'])})" if r["ours_best_k"] is not None else "—"

@@ -60,8 +60,16 @@ from torch import Tensor, nn
 
 from hvae_dist.config import ModelConfig
 from hvae_dist.errors import ConfigError
-from hvae_dist.model.common import PRIOR_MODE, SAMPLE, ModelOutput, build_stage, check_modes, model_input
-from hvae_dist.nn import Gaussian, build_likelihood, build_stochastic
+from hvae_dist.model.common import (
+    PRIOR_MODE,
+    SAMPLE,
+    HierarchicalModel,
+    ModelOutput,
+    build_stage,
+    check_modes,
+    model_input,
+)
+from hvae_dist.nn import DiagonalGaussian, build_likelihood, build_stochastic
 
 
 def _rep(t: Tensor | None, n: int) -> Tensor | None:
@@ -82,7 +90,7 @@ class BivaPrecomputed:
         if n == 1:
             return self
         return BivaPrecomputed(x=_rep(self.x, n), h=[_rep(t, n) for t in self.h],
-                               q_bu=[Gaussian(_rep(g.loc, n), _rep(g.scale, n)) for g in self.q_bu],
+                               q_bu=[DiagonalGaussian(_rep(g.loc, n), _rep(g.scale, n)) for g in self.q_bu],
                                bu_in=_rep(self.bu_in, n), b=_rep(self.b, n))
 
 
@@ -90,13 +98,14 @@ def _cat(a: Tensor, b: Tensor) -> Tensor:
     return torch.cat([a, b.to(a.dtype)], dim=1)
 
 
-class BIVA(nn.Module):
-    """BIVA built from a ModelConfig with `type = "biva"`; the interface of HierarchicalVAE."""
+class BIVA(HierarchicalModel):
+    """BIVA built from a ModelConfig with `type = "biva"`; a HierarchicalModel (see model.common)."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         if cfg.input_shape is None:
-            raise ConfigError("model.input_shape is not set: build the model after the dataset is known")
+            raise ValueError("model.input_shape is not set: build the model after the dataset is known "
+                             "(build_model(cfg, input_shape))")
         if len(cfg.config_stochastic) < 2:
             raise ConfigError("model.type='biva' needs at least 2 stages (intermediate stages hold z^BU and z^TD, "
                               f"the top stage one latent); model.config_stochastic has {len(cfg.config_stochastic)}")
@@ -168,7 +177,7 @@ class BIVA(nn.Module):
             return e.to(device=like.device, dtype=torch.float32)
 
         # Bottom-up: the BU posteriors and their samples (prior-mode layers: the posterior mean).
-        q_bu: list[Gaussian] = list(pre.q_bu)
+        q_bu: list[DiagonalGaussian] = list(pre.q_bu)
         z_bu: list[Tensor | None] = [q.loc for q in q_bu] + [None] * (top - len(q_bu))
         bu_in, b = pre.bu_in, pre.b
         for i in range(len(pre.q_bu), top):
@@ -190,7 +199,7 @@ class BIVA(nn.Module):
             z, kl_dims[top] = torch.zeros_like(q.loc), torch.zeros_like(q.loc.flatten(1))
         else:
             z = q.rsample(draw(top, q.loc))
-            kl_dims[top] = (q.log_prob(z) - Gaussian.standard_log_prob(z)).flatten(1)
+            kl_dims[top] = (q.log_prob(z) - DiagonalGaussian.standard_log_prob(z)).flatten(1)
             kl[:, top] = kl_dims[top].sum(1)
         zs[top] = z
         u = self.top.down(z)

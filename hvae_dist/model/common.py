@@ -1,11 +1,13 @@
-"""What every model type shares: the decode modes, the forward pass's output, and the stage stack built
-from the seed config format (a bottom-up encoder and its top-down mirror per stage)."""
+"""What every model type shares: the one model type (`HierarchicalModel`, the base of every hierarchy),
+the decode modes, the forward pass's output, and the stage stack built from the seed config format (a
+bottom-up encoder and its top-down mirror per stage)."""
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor, nn
 
 from hvae_dist.config import ModelConfig
@@ -36,6 +38,55 @@ class ModelOutput:
     def elbo(self) -> Tensor:
         """(B,) single-sample bound log p(x|z) - sum_i KL_i, nats (an L>k bound under L>k modes)."""
         return self.log_px - self.kl.sum(1)
+
+
+class HierarchicalModel(nn.Module):
+    """The one model type: every hierarchy (VAE and LVAE: `model.hvae.HierarchicalVAE`; BIVA: `model.biva.BIVA`)
+    derives from it, and training, evaluation and scoring take a HierarchicalModel, never a concrete class.
+
+    cfg (ModelConfig), type ("vae" / "lvae" / "biva"), input_shape (C, H, W) and likelihood (the p(x|z)
+    head, `nn.likelihoods`) are set by the subclass; images are (B, C, H, W) floats in [0, 1].
+    """
+
+    cfg: ModelConfig
+    type: str
+    input_shape: tuple[int, ...]
+    likelihood: nn.Module
+
+    @property
+    def num_layers(self) -> int:
+        """L, the number of latent layers (decode modes and KL terms per forward pass)."""
+        raise NotImplementedError
+
+    @property
+    def latent_shapes(self) -> list[tuple[int, ...]]:
+        """Shape of each layer's noise for one row, bottom first (`forward(noise=...)` takes (B, *shape))."""
+        raise NotImplementedError
+
+    def precompute(self, x: Tensor, modes: Sequence[str] | None = None):
+        """The noise-independent part of the forward pass (the deterministic bottom-up path), reused over
+        importance samples with `.repeat(n)`."""
+        raise NotImplementedError
+
+    def forward(self, x: Tensor | None = None, modes: Sequence[str] | None = None,
+                noise: Sequence[Tensor] | None = None, precomputed=None) -> ModelOutput:
+        """One sample per row: log p(x|z) and the KL per layer (ModelOutput) under `modes` (SAMPLE / PRIOR_MODE
+        per layer, bottom first; default all SAMPLE), with given standard-normal `noise` or fresh noise."""
+        raise NotImplementedError
+
+    def sample_prior(self, n: int, device: torch.device | str = "cpu", generator: torch.Generator | None = None,
+                     mean_image: bool = True, temperature: float = 1.0) -> Tensor:
+        """n images (n, C, H, W) in [0, 1] drawn from the prior."""
+        raise NotImplementedError
+
+    def reconstruct(self, x: Tensor) -> Tensor:
+        """Likelihood mean of p(x | z ~ q(z|x)): (B, C, H, W) in [0, 1]."""
+        raise NotImplementedError
+
+    def decode(self, zs: Sequence[Tensor | None], k: int = 0) -> Tensor:
+        """Likelihood parameters (B, P, H, W) from the latents zs[k:] of layers k+1..L (`ModelOutput.zs` layout),
+        layers 1..k from their conditional-prior mode as in L>k; differentiable in zs (estimators.lid)."""
+        raise NotImplementedError
 
 
 def _out_size(size: int, stride: int) -> int:

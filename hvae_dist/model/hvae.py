@@ -30,9 +30,16 @@ import torch
 from torch import Tensor, nn
 
 from hvae_dist.config import ModelConfig
-from hvae_dist.errors import ConfigError
-from hvae_dist.model.common import PRIOR_MODE, SAMPLE, ModelOutput, build_stage, check_modes, model_input
-from hvae_dist.nn import Gaussian, build_likelihood, build_stochastic
+from hvae_dist.model.common import (
+    PRIOR_MODE,
+    SAMPLE,
+    HierarchicalModel,
+    ModelOutput,
+    build_stage,
+    check_modes,
+    model_input,
+)
+from hvae_dist.nn import DiagonalGaussian, build_likelihood, build_stochastic
 
 
 @dataclass
@@ -54,16 +61,17 @@ class Precomputed:
             return self
         rep = lambda t: None if t is None else t.repeat_interleave(n, dim=0)  # noqa: E731
         return Precomputed(x=rep(self.x), d=[rep(t) for t in self.d],
-                           q=[Gaussian(rep(g.loc), rep(g.scale)) for g in self.q], h=rep(self.h))
+                           q=[DiagonalGaussian(rep(g.loc), rep(g.scale)) for g in self.q], h=rep(self.h))
 
 
-class HierarchicalVAE(nn.Module):
+class HierarchicalVAE(HierarchicalModel):
     """VAE or LVAE stack built from a ModelConfig (seed config format); see the module docstring."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         if cfg.input_shape is None:
-            raise ConfigError("model.input_shape is not set: build the model after the dataset is known")
+            raise ValueError("model.input_shape is not set: build the model after the dataset is known "
+                             "(build_model(cfg, input_shape))")
         self.cfg = cfg
         self.input_shape = tuple(cfg.input_shape)
         self.type = cfg.type
@@ -134,7 +142,7 @@ class HierarchicalVAE(nn.Module):
             e = eps[i] if eps[i] is not None else torch.randn(batch, *self.latents[i].event_shape, device=like.device)
             return e.to(device=like.device, dtype=torch.float32)
 
-        q_list: list[Gaussian | None] = [None] * self.num_layers
+        q_list: list[DiagonalGaussian | None] = [None] * self.num_layers
         z_post: list[Tensor | None] = [None] * self.num_layers
         if self.type == "vae":
             for i, q in enumerate(pre.q):
@@ -155,7 +163,7 @@ class HierarchicalVAE(nn.Module):
             lat = self.latents[i]
             if i == self.num_layers - 1:
                 loc = torch.zeros(batch, *lat.event_shape, device=pre.x.device)
-                p = Gaussian(loc, torch.ones_like(loc))
+                p = DiagonalGaussian(loc, torch.ones_like(loc))
                 t = None
             else:
                 t = self.decoders[i + 1](u)

@@ -50,8 +50,9 @@ class Bernoulli(Likelihood):
         return torch.sigmoid(params)
 
 
-class Gaussian(Likelihood):
-    """Diagonal Gaussian with a learned per-pixel scale (softplus + 1e-3)."""
+class GaussianLikelihood(Likelihood):
+    """The likelihood head of model.likelihood="gaussian": a diagonal Gaussian per pixel with a learned scale
+    (softplus + 1e-3)."""
 
     def __init__(self, in_channels: int, data_channels: int, **_):
         super().__init__(in_channels, 2 * data_channels)
@@ -117,7 +118,7 @@ class DiscretizedLogistic(DiscretizedLogisticMixture):
 
 
 # In config's order: ("bernoulli", "dmol", "discretized_logistic", "gaussian").
-_LIKELIHOODS = dict(zip(LIKELIHOODS, (Bernoulli, DiscretizedLogisticMixture, DiscretizedLogistic, Gaussian)))
+_LIKELIHOODS = dict(zip(LIKELIHOODS, (Bernoulli, DiscretizedLogisticMixture, DiscretizedLogistic, GaussianLikelihood)))
 
 
 def build_likelihood(name: str, in_channels: int, data_channels: int, num_mixtures: int = 10,

@@ -19,8 +19,8 @@ LOG_2PI = math.log(2 * math.pi)
 
 
 @dataclass
-class Gaussian:
-    """Diagonal Gaussian over a latent of shape (B, *event). loc/scale are float32."""
+class DiagonalGaussian:
+    """The distribution of a latent layer: a diagonal Gaussian over a latent of shape (B, *event). loc/scale are float32."""
 
     loc: Tensor
     scale: Tensor
@@ -37,9 +37,9 @@ class Gaussian:
         return -0.5 * z ** 2 - 0.5 * LOG_2PI
 
 
-def _gaussian_from(h: Tensor, min_scale: float) -> Gaussian:
+def _gaussian_from(h: Tensor, min_scale: float) -> DiagonalGaussian:
     loc, raw = h.float().chunk(2, dim=1)
-    return Gaussian(loc, F.softplus(raw) + min_scale)
+    return DiagonalGaussian(loc, F.softplus(raw) + min_scale)
 
 
 class GaussianConv2d(nn.Module):
@@ -56,10 +56,10 @@ class GaussianConv2d(nn.Module):
         self.project_up = conv2d(latent_features, c, 1, 1, weightnorm)    # z -> features for inference
         self.project_down = conv2d(latent_features, c, 1, 1, weightnorm)  # z -> features for generation
 
-    def q(self, h: Tensor) -> Gaussian:
+    def q(self, h: Tensor) -> DiagonalGaussian:
         return _gaussian_from(self.posterior(h), self.min_scale)
 
-    def p(self, h: Tensor) -> Gaussian:
+    def p(self, h: Tensor) -> DiagonalGaussian:
         return _gaussian_from(self.prior(h), self.min_scale)
 
     def up(self, z: Tensor) -> Tensor:
@@ -84,10 +84,10 @@ class GaussianDense(nn.Module):
         self.project_up = dense(latent_features, c * h * w, weightnorm)
         self.project_down = dense(latent_features, c * h * w, weightnorm)
 
-    def q(self, h: Tensor) -> Gaussian:
+    def q(self, h: Tensor) -> DiagonalGaussian:
         return _gaussian_from(self.posterior(h.flatten(1)), self.min_scale)
 
-    def p(self, h: Tensor) -> Gaussian:
+    def p(self, h: Tensor) -> DiagonalGaussian:
         return _gaussian_from(self.prior(h.flatten(1)), self.min_scale)
 
     def up(self, z: Tensor) -> Tensor:

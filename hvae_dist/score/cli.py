@@ -29,6 +29,8 @@ SCORE_EXAMPLES = """examples:
   hvae score --run-dir runs/fm --datasets FashionMNIST:test MNIST:test --iw-samples 1000 --out scores/fm
   hvae score --run-dir runs/fm --datasets FashionMNIST:test KMNIST:test --data-root ~/data --out scores/fm \\
       --shard 3 --num-shards 8          # one of 8 shards; then: hvae merge scores/fm
+  hvae score --run-dir runs/fm --datasets FashionMNIST:test ./my_pngs ./x.npy:all-inverted --max-examples 500 \
+      --out scores/mine                 # your own data (a folder of images, .npy / .npz / .h5); 500 rows each
 Re-running the same command resumes its shard. Between runs --batch-size, --sample-chunk, --device,
 --data-root and the progress options may change; the rest is checked against the shard file."""
 
@@ -73,8 +75,9 @@ def add_score_arguments(p, *, submit: str | None = None) -> None:
         p.add_argument("--checkpoint", default=None,
                        help="checkpoint file; its model must match RUN_DIR/config.json (default: "
                             "RUN_DIR/checkpoints/latest.pt)")
-    p.add_argument("--datasets", nargs="+", required=True, metavar="NAME:SPLIT",
-                   help="datasets to score, e.g. FashionMNIST:test MNIST:test" + (
+    p.add_argument("--datasets", nargs="+", required=True, metavar="NAME:SPLIT|PATH",
+                   help="datasets to score, e.g. FashionMNIST:test MNIST:test, or your own data: an .npy / .npz / .h5 "
+                        "file or a folder of images, PATH[#KEY][:all|train|validation[-VARIANT]]" + (
                        " (in-distribution first: the default of --in-dist)" if submit else ""))
     p.add_argument("--data-root", default=None, metavar="DIR",
                    help="folder with torchvision's dataset files, e.g. for KMNIST and SVHN (default: the run's "
@@ -93,7 +96,11 @@ def add_score_arguments(p, *, submit: str | None = None) -> None:
         p.add_argument("--num-shards", type=int, default=None,
                        help="number of shards (default: from SLURM / torchrun, else 1)")
     p.add_argument("--max-examples", type=int, default=None,
-                   help="score only the first N examples of each dataset (default: all)")
+                   help="score a seeded random subset of N examples of each dataset, stratified by class where labels "
+                        "are known (the same rows for the same --seed and N; default: all)")
+    p.add_argument("--first", type=int, default=None, metavar="N",
+                   help="score only the first N examples of each dataset (the behaviour of --max-examples before "
+                        "issue 21); excludes --max-examples (default: all, or the subset of --max-examples)")
     p.add_argument("--score-batch-size" if pipeline else "--batch-size", dest="batch_size", type=int, default=None,
                    metavar="B", help="examples per batch; does not change the scores (default: 16 on a CPU, 128 on a GPU, more "
                         "when S is small: hvae_dist.estimators.rows)")
@@ -145,7 +152,7 @@ def job_from_args(args: argparse.Namespace, *, run_dir: str | None = None, out: 
                     settings=settings, checkpoint=getattr(args, "checkpoint", None), shard=shard,
                     num_shards=num_shards, max_examples=args.max_examples, batch_size=args.batch_size,
                     use_ema=not args.no_ema, complexity=args.complexity, device=args.device, progress=progress,
-                    data_root=args.data_root, log_every=args.log_every)
+                    data_root=args.data_root, log_every=args.log_every, first=getattr(args, "first", None))
 
 
 def _lid_settings(args: argparse.Namespace):

@@ -6,9 +6,15 @@ One group per dataset, named "<Name>/<split>" (e.g. "FashionMNIST/test"), N rows
     [complexity_png, complexity_zlib (N,) float64 with --complexity]    complete (N,) bool (shard files)
     [lid, lid_lin (N, K_lid, S_lid) float64 with --lid: LID counts / linearised LIDs per lid k and scale]
 
-Root attributes: `IDENTITY_ATTRS` (the settings a resumed shard and a merge must agree on) plus
-model_checkpoint, package_version, config, created, shard / num_shards in shard files and
-merged_shards in scores.h5. JSON_ATTRS are stored as JSON strings and read back parsed.
+Since issue 21 a group may also hold `label` (N,) int64 (the row's class, -1 unknown) and, for a folder
+of images, `path` (N,) fixed-length bytes (the image's path relative to the folder); a file dataset's group
+has attributes `source` (the full path, with #KEY) and `source_sha256` (its content hash), and `index` is the
+position in the source split (a random subset is sparse; `source_sizes` gives the split's rows).
+
+Root attributes: `IDENTITY_ATTRS` (the settings a resumed shard and a merge must agree on; `precision` is the
+network's, was `dtype` before issue 24 and is still read) plus model_checkpoint, model_step, package_version,
+config, created, shard / num_shards in shard files and merged_shards in scores.h5. JSON_ATTRS are stored as
+JSON strings and read back parsed. Every dataset has `units` and `description` attributes (`FIELD_DOCS`).
 
 Storage (format 2): every dataset is chunked by CHUNK_ROWS rows (all columns in one chunk) with a
 Fletcher32 checksum per chunk, which HDF5 verifies on every read (`create_checked`). A batch write
@@ -32,14 +38,52 @@ FORMAT_VERSION = 2
 """2: chunked datasets with Fletcher32 checksums. 1: contiguous, unchecked (readable, not resumable or mergeable)."""
 READABLE_FORMATS = (1, FORMAT_VERSION)
 CHUNK_ROWS = 1024
-IDENTITY_ATTRS = ("format_version", "model_sha256", "iw_samples", "iw_samples_lk", "ks", "seed", "dtype", "ema",
-                  "binarize", "num_layers", "datasets", "dataset_sizes", "complexity", "lid")
+IDENTITY_ATTRS = ("format_version", "model_sha256", "iw_samples", "iw_samples_lk", "ks", "seed", "precision", "ema",
+                  "binarize", "num_layers", "datasets", "dataset_sizes", "complexity", "source_sha256", "lid")
 SHARD_ATTRS = ("shard", "num_shards")
 VALUE_FIELDS = ("elbo", "elbo_1", "lk", "llr", "kl", "bpd")
 REQUIRED_FIELDS = ("index", *VALUE_FIELDS)
-JSON_ATTRS = ("config", "datasets", "dataset_sizes", "complexity", "lid")
+JSON_ATTRS = ("config", "datasets", "dataset_sizes", "complexity", "source_sizes", "source_sha256", "row_selection",
+              "lid")
 LID_FIELDS = ("lid", "lid_lin")
 """With --lid (attribute `lid`: scales, ks, rank, ...; `hvae_dist.estimators.lid`): (N, len(ks), len(scales))."""
+PROVENANCE_ATTRS = ("checkpoint_file", "source_sizes", "source_sha256", "row_selection")
+"""Root attributes of issue 21 (absent in older files, which stay readable): the numbered checkpoint file of
+the scored checkpoint's step (`model_step`, issue 24; latest.pt is rewritten by more training), the rows of
+each source split (`index` is a position in it), each file dataset's content hash, and how the rows were chosen."""
+LABEL_UNKNOWN = -1
+"""The `label` of a row whose class is unknown (per-row `label` int64; folders also store `path`)."""
+
+
+FIELD_DOCS: dict[str, tuple[str, str]] = {
+    "index": ("row", "position of the example in its dataset NAME:SPLIT (the source's order)"),
+    "elbo": ("nats", "importance-weighted ELBO with iw_samples samples: a lower bound on log p(x)"),
+    "elbo_1": ("nats", "mean single-sample ELBO over the iw_samples samples"),
+    "lk": ("nats", "L>k bound, one column per k of the root attribute ks (layers 1..k decoded from the prior)"),
+    "llr": ("nats", "likelihood ratio LLR>k = elbo - L>k, one column per k of the root attribute ks"),
+    "kl": ("nats", "KL term of each latent layer, one column per layer (1 = bottom), mean over the samples"),
+    "bpd": ("bits/dim", "-elbo in bits per dimension: -elbo / (C * H * W * ln 2)"),
+    "complete": ("flag", "true once the row's values are on disk (shard files; resume and merge read it)"),
+    "complexity_png": ("nats", "PNG-compressed size of the image (Serra et al. 2020's complexity L(x))"),
+    "complexity_zlib": ("nats", "zlib-compressed size of the image (a complexity L(x))"),
+    "lid": ("dimensions", "#singular values above delta of d(decoder mean)/d(z>k), per k of attr lid.ks (axis 1) and "
+                          "delta of lid.scales (axis 2)"),
+    "lid_lin": ("dimensions", "sum s^2 / (s^2 + delta^2) over the singular values s of d(decoder mean)/d(z>k), per k "
+                              "of attr lid.ks (axis 1) and delta of lid.scales (axis 2)"),
+}
+"""Per dataset of a score-file group: (units, description), stored as the dataset's `units` and `description`
+attributes (`describe`); the names of the values are those of `hvae_dist.estimators.names`."""
+
+PRECISION_ATTR, LEGACY_PRECISION_ATTR = "precision", "dtype"
+"""The root attribute with the network's precision (fp32 / bf16 / fp16; the arrays are float64 whatever it is);
+files before issue 24 named it `dtype`, which `read_attrs` still reads as `precision`."""
+
+
+def describe(dset, name: str) -> None:
+    """Set the `units` and `description` attributes of h5py dataset `dset` of field `name` (when known)."""
+    if name in FIELD_DOCS:
+        units, description = FIELD_DOCS[name]
+        dset.attrs["units"], dset.attrs["description"] = units, description
 
 
 def file_sha256(path: str | Path, block: int = 1 << 22) -> str:
@@ -65,7 +109,11 @@ def normalize_attr(key: str, value: Any) -> Any:
 
 
 def read_attrs(f) -> dict:
-    return {k: normalize_attr(k, v) for k, v in f.attrs.items()}
+    """The root attributes as plain Python; a file's legacy `dtype` is also given as `precision`."""
+    attrs = {k: normalize_attr(k, v) for k, v in f.attrs.items()}
+    if PRECISION_ATTR not in attrs and LEGACY_PRECISION_ATTR in attrs:
+        attrs[PRECISION_ATTR] = attrs[LEGACY_PRECISION_ATTR]
+    return attrs
 
 
 def check_attrs(path: Path, attrs: dict) -> dict:
@@ -104,6 +152,16 @@ def check_attrs(path: Path, attrs: dict) -> dict:
     return {**attrs, "ks": ks}
 
 
+def index_space(attrs: dict, group: str) -> int | None:
+    """The rows of `group`'s source split (indices lie in 0..space-1): `source_sizes`, else (older files, or a
+    job that scores every row or the first N) `dataset_sizes`; None when neither is stored."""
+    for key in ("source_sizes", "dataset_sizes"):
+        sizes = attrs.get(key)
+        if isinstance(sizes, dict) and isinstance(sizes.get(group), int):
+            return int(sizes[group])
+    return None
+
+
 def check_index(path: Path, group: str, index: np.ndarray, size: int | None = None) -> None:
     """A group's `index` (N,) int: every row a distinct example, in 0..size-1 when the planned size is known.
     A repeated index would count one example twice in every metric."""
@@ -136,7 +194,15 @@ def create_checked(group, name: str, data: np.ndarray):
     chunks have at least one element per axis.
     """
     data = np.asarray(data)
-    return group.create_dataset(name, data=data, fletcher32=True, **checked_storage(data.shape))
+    # Created empty, described, filled, flushed: what the streamed merge does (merge_rows.copy_group), so that
+    # both lay out a file byte for byte alike.
+    dset = group.create_dataset(name, shape=data.shape, dtype=data.dtype, fletcher32=True,
+                                **checked_storage(data.shape))
+    describe(dset, name)
+    if data.size:
+        dset[...] = data
+        dset.flush()
+    return dset
 
 
 def checked_storage(shape: tuple[int, ...]) -> dict[str, tuple]:

@@ -31,7 +31,16 @@ from pathlib import Path
 
 from hvae_dist.errors import LockedError, ScoreFileError
 from hvae_dist.files import remove_stale_temps, write_hdf5_atomic
-from hvae_dist.score.layout import FORMAT_VERSION, IDENTITY_ATTRS, SHARD_ATTRS, format_error, open_h5, read_attrs, write_attrs
+from hvae_dist.score.layout import (
+    FORMAT_VERSION,
+    IDENTITY_ATTRS,
+    SHARD_ATTRS,
+    format_error,
+    index_space,
+    open_h5,
+    read_attrs,
+    write_attrs,
+)
 from hvae_dist.score.merge_rows import ShardInfo, copy_group
 from hvae_dist.score.plan import SHARD_PATTERN, shard_filename
 from hvae_dist.score.reader import read_scores
@@ -106,7 +115,7 @@ def _merge(out: Path, target: Path, shards: list[ShardInfo], force: bool) -> Pat
     def build(f, check) -> None:
         write_attrs(f, attrs)
         for g, size in sizes.items():
-            copy_group(f, g, shards, size, ks, check)
+            copy_group(f, g, shards, size, ks, check, space=index_space(ref.attrs, g))
 
     def keep_old() -> None:
         try:

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from hvae_dist.errors import ScoreFileError
-from hvae_dist.score.layout import CHUNK_ROWS, LID_FIELDS, VALUE_FIELDS, checked_storage, open_h5, read_checked
+from hvae_dist.score.layout import CHUNK_ROWS, LID_FIELDS, VALUE_FIELDS, checked_storage, describe, open_h5, read_checked
 
 BLOCK_BYTES = 8 << 20
 """Bytes of one shard's rows read at a time (all datasets of the group together), at least CHUNK_ROWS rows."""
@@ -40,7 +40,7 @@ class ShardInfo:
 
 
 def copy_group(f, group: str, shards: list[ShardInfo], size: int, ks: list[int], check: Callable[[], None],
-               block_bytes: int | None = None) -> None:
+               block_bytes: int | None = None, space: int | None = None) -> None:
     """Write `group` of the merged file `f` (an h5py.File open for writing) from every shard, in shard order.
 
     First the rows: every shard's `complete` flags and `index` (each index in the plan, none twice, all of
@@ -49,12 +49,16 @@ def copy_group(f, group: str, shards: list[ShardInfo], size: int, ks: list[int],
     fast on its own by `hvae analyze`): created like the first shard's (checksummed chunks, attributes),
     filled from every shard block by block, values checked. `check()` is called before each block (it
     raises when the write must stop: an I/O error, a signal). The caller holds every shard's lock.
+
+    `space` (default `size`): the rows of the source split, when the job scored a subset of them (`--max-examples`:
+    indices are sparse in 0..space-1); merged row r is then the row of the r-th smallest index (`_Ranks`).
     """
     block_bytes = block_bytes or BLOCK_BYTES
+    space = size if space is None else int(space)
     with _open_shard(shards[0], group) as first:
         group_attrs = dict(first.attrs)
         like = {k: (d.dtype, d.shape[1:], dict(d.attrs)) for k, d in first.items() if k not in SHARD_ONLY}
-    seen = np.zeros((size + 7) // 8, np.uint8)                     # bit i: index i is written
+    seen = np.zeros((space + 7) // 8, np.uint8)                    # bit i: index i is written
     written = 0
     for k, shard in enumerate(shards):
         with _open_shard(shard, group) as grp:
@@ -64,20 +68,25 @@ def copy_group(f, group: str, shards: list[ShardInfo], size: int, ks: list[int],
             for rows in _blocks(n, 8, block_bytes):
                 check()
                 index = read_checked(shard.path, f"{group}/index", grp["index"], rows).astype(np.int64)
-                _claim(shard.path, group, index, rows.start, seen, size, shards[:k + 1])
+                _claim(shard.path, group, index, rows.start, seen, space, shards[:k + 1])
             written += n
     if written != size:                                            # no index twice, none outside: all of 0..size-1
         raise ScoreFileError(f"{shards[0].path.parent}: {group} covers {written} distinct indices but the job planned "
-                             f"0..{size - 1}; a shard file does not match the plan")
+                             f"{size}" + (f" (0..{size - 1})" if space == size else f" of 0..{space - 1}")
+                             + "; a shard file does not match the plan")
+    ranks = None if space == size else _Ranks(seen)
     target = f.create_group(group)
     target.attrs.update(group_attrs)
     for key, (dtype, width, attrs) in like.items():
         shape = (size, *width)
         out = target.create_dataset(key, shape=shape, dtype=dtype, fletcher32=True, **checked_storage(shape))
-        out.attrs.update(attrs)
+        # units / description as layout.create_checked writes them (also for shards from before issue 24, which
+        # have none), then any other attribute of the first shard's dataset.
+        describe(out, key)
+        out.attrs.update({k: v for k, v in attrs.items() if k not in out.attrs})
         for shard in shards:
             with _open_shard(shard, group) as grp:
-                _copy_dataset(shard.path, group, key, grp, out, ks, check, block_bytes)
+                _copy_dataset(shard.path, group, key, grp, out, ks, check, block_bytes, ranks)
         out.flush()                  # its cached chunks stored now, before the next dataset's header
 
 
@@ -106,8 +115,24 @@ def _check_like(path: Path, group: str, grp, like: dict, first: Path) -> None:
                              "cannot be merged")
 
 
+class _Ranks:
+    """Position of index i among the written indices (the merged row of a sparse index): the bits of `seen`
+    below i, from a prefix count per byte (one int64 per 8 source rows)."""
+
+    POPCOUNT = np.array([bin(b).count("1") for b in range(256)], np.int64)
+
+    def __init__(self, seen: np.ndarray):
+        self.seen = seen
+        self.before = np.concatenate([[0], np.cumsum(self.POPCOUNT[seen])])
+
+    def __call__(self, index: np.ndarray) -> np.ndarray:
+        byte = index >> 3
+        below = self.seen[byte] & ((1 << (index & 7)) - 1).astype(np.uint8)
+        return self.before[byte] + self.POPCOUNT[below]
+
+
 def _copy_dataset(path: Path, group: str, key: str, grp, out, ks: list[int], check: Callable[[], None],
-                  block_bytes: int) -> None:
+                  block_bytes: int, ranks: _Ranks | None = None) -> None:
     """Copy one dataset of one shard's group into `out` at the rows its `index` names, block by block."""
     d = grp[key]
     n = d.shape[0]
@@ -119,7 +144,8 @@ def _copy_dataset(path: Path, group: str, key: str, grp, out, ks: list[int], che
         if key in VALUE_FIELDS or key in LID_FIELDS or key.startswith("complexity_"):
             _check_finite(path, group, key, grp, values, rows.start, index, ks, rows.stop - rows.start)
         order = None if np.all(index[1:] > index[:-1]) else np.argsort(index, kind="stable")
-        out[_target(index, order)] = values if order is None else values[order]
+        where = index if ranks is None else ranks(index)
+        out[_target(where, order)] = values if order is None else values[order]
 
 
 def _check_complete(path: Path, group: str, grp, n: int) -> None:
@@ -138,14 +164,14 @@ def _check_complete(path: Path, group: str, grp, n: int) -> None:
                              "to finish it")
 
 
-def _claim(path: Path, group: str, index: np.ndarray, start: int, seen: np.ndarray, size: int,
+def _claim(path: Path, group: str, index: np.ndarray, start: int, seen: np.ndarray, space: int,
            shards: list[ShardInfo]) -> None:
-    """Mark a block's indices written; raises on an index outside 0..size-1 or one already written."""
-    outside = np.flatnonzero((index < 0) | (index >= size))
+    """Mark a block's indices written; raises on an index outside 0..space-1 or one already written."""
+    outside = np.flatnonzero((index < 0) | (index >= space))
     if len(outside):
         r = int(outside[0])
         raise ScoreFileError(f"{path}: {group} row {start + r} has index {int(index[r])}, outside the job's plan "
-                             f"0..{size - 1}; a shard file does not match the plan")
+                             f"0..{space - 1}; a shard file does not match the plan")
     order = None if np.all(index[1:] > index[:-1]) else np.argsort(index, kind="stable")
     ranked = index if order is None else index[order]
     byte, bit = ranked >> 3, np.left_shift(1, ranked & 7).astype(np.uint8)

@@ -23,7 +23,16 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from hvae_dist.errors import ScoreFileError
-from hvae_dist.score.layout import REQUIRED_FIELDS, check_attrs, check_index, open_h5, read_attrs, read_checked
+from hvae_dist.estimators import names
+from hvae_dist.score.layout import (
+    REQUIRED_FIELDS,
+    check_attrs,
+    check_index,
+    index_space,
+    open_h5,
+    read_attrs,
+    read_checked,
+)
 
 
 class ScoreFile(NamedTuple):
@@ -124,9 +133,7 @@ def _validate_group(path: Path, name: str, data: dict[str, np.ndarray], attrs: d
     if data["kl"].ndim != 2 or data["kl"].shape[0] != n or (layers is not None and data["kl"].shape[1] != layers):
         raise ScoreFileError(f"{path}: '{name}/kl' has shape {data['kl'].shape}, expected ({n}, "
                              f"{'L' if layers is None else layers})")
-    sizes = attrs.get("dataset_sizes")
-    size = sizes.get(name) if isinstance(sizes, dict) else None
-    check_index(path, name, data["index"], int(size) if isinstance(size, int) else None)
+    check_index(path, name, data["index"], index_space(attrs, name))
     for key, value in data.items():
         if key not in REQUIRED_FIELDS and value.shape[:1] != (n,):
             raise ScoreFileError(f"{path}: extra dataset '{name}/{key}' has shape {value.shape}, expected ({n}, ...)")
@@ -134,7 +141,8 @@ def _validate_group(path: Path, name: str, data: dict[str, np.ndarray], attrs: d
 
 def to_dataframe(path: str | Path):
     """The score file as one long pandas DataFrame: a row per example, columns group, dataset, split,
-    index, elbo, elbo_1, bpd, lk_<k>, llr_<k>, kl_<layer> (1 = bottom) and any extra per-example values."""
+    index, elbo, elbo_1, bpd, lk<k>, llr<k>, kl<layer> (1 = bottom; the names of `estimators.names`, were
+    lk_<k>, llr_<k>, kl_<layer> before issue 24) and any extra per-example values; nats unless bpd."""
     try:
         import pandas as pd
     except ImportError as e:
@@ -146,9 +154,10 @@ def to_dataframe(path: str | Path):
         cols: dict[str, Any] = {"group": name, "dataset": name.rsplit("/", 1)[0], "split": name.rsplit("/", 1)[-1]}
         for key, value in data.items():
             if key in ("lk", "llr"):
-                cols.update({f"{key}_{k}": value[:, j] for j, k in enumerate(attrs["ks"])})
+                column = names.lk if key == "lk" else names.llr
+                cols.update({column(k): value[:, j] for j, k in enumerate(attrs["ks"])})
             elif key == "kl":
-                cols.update({f"kl_{i + 1}": value[:, i] for i in range(value.shape[1])})
+                cols.update({names.kl(i + 1): value[:, i] for i in range(value.shape[1])})
             elif value.ndim == 1:
                 cols[key] = value
         frames.append(pd.DataFrame(cols))

@@ -2,7 +2,7 @@
 
 Crash safety. A shard file is built in memory with every dataset allocated at full size (index filled
 from the plan, values NaN, complete False; chunked, with Fletcher32 checksums, see `score.layout`) and
-written atomically (`score.atomic`: temp file, fsync, rename), so a full disk leaves no file and no
+written atomically (`hvae_dist.files`: temp file, fsync, rename), so a full disk leaves no file and no
 later write changes HDF5 metadata. A batch's values are written and flushed (H5Fflush) *before* its rows' complete
 flags are set and flushed, so after a crash (even SIGKILL) every row flagged complete holds its final
 values and a re-run recomputes at most the batch that was in flight.
@@ -43,6 +43,10 @@ class GroupSpec:
     num_layers: int
     num_ks: int
     complexity: list = field(default_factory=list)
+    static: dict = field(default_factory=dict)
+    """Per-row datasets known before scoring (`label` int64, `path` fixed-length bytes), written with `index`."""
+    attrs: dict = field(default_factory=dict)
+    """Attributes of the group (a file dataset's `source`, `source_sha256`, `classes`)."""
     lid_shape: tuple[int, int] | None = None    # (K_lid, S_lid) with --lid
 
     def shapes(self) -> dict[str, tuple[tuple[int, ...], Any]]:
@@ -55,6 +59,8 @@ class GroupSpec:
         if self.lid_shape is not None:
             for key in LID_FIELDS:
                 out[key] = ((n, *self.lid_shape), np.float64)
+        for key, value in self.static.items():
+            out[key] = ((n, *np.shape(value)[1:]), np.asarray(value).dtype)
         out["complete"] = ((n,), np.bool_)
         return out
 
@@ -106,9 +112,12 @@ class ShardWriter:
             write_attrs(f, attrs)
             for g in groups:
                 grp = f.create_group(g.name)
+                grp.attrs.update(g.attrs)
                 for key, (shape, dtype) in g.shapes().items():
                     if key == "index":
                         data = np.asarray(g.index, dtype=np.int64)
+                    elif key in g.static:
+                        data = np.asarray(g.static[key])
                     else:
                         data = np.full(shape, False if dtype is np.bool_ else np.nan, dtype=dtype)
                     create_checked(grp, key, data)   # written in full: allocated now, never resized

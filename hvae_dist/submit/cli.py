@@ -26,6 +26,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from hvae_dist.errors import ConfigError, SubmitError
+from hvae_dist.submit.modes import parse_slurm_time
 
 
 # ----- arguments -----
@@ -33,8 +34,9 @@ def _add_slurm_arguments(p: argparse.ArgumentParser, prefix: str = "", time_defa
                          what: str = "") -> None:
     """SLURM resources of one kind of job; `prefix` ("score-") names them apart in `pipeline`."""
     g = p.add_argument_group(f"SLURM ({what} jobs)" if what else "SLURM")
-    g.add_argument(f"--{prefix}time", type=int, default=time_default, metavar="MIN",
-                   help="time limit per job, minutes; a timed-out job checkpoints and requeues")
+    g.add_argument(f"--{prefix}time", type=parse_slurm_time, default=time_default, metavar="TIME",
+                   help="time limit per job as sbatch takes it: minutes, MIN:SEC, H:MIN:SEC, D-H, D-H:MIN or "
+                        f"D-H:MIN:SEC; a timed-out job checkpoints and requeues (default: {time_default} minutes)")
     g.add_argument(f"--{prefix}cpus-per-task", type=int, default=None, metavar="C",
                    help="CPUs per task (default: the partition's)")
     g.add_argument(f"--{prefix}mem", default=None, metavar="MEM", help="memory per node, e.g. 32G (default: the partition's)")
@@ -57,6 +59,12 @@ def _add_slurm_arguments(p: argparse.ArgumentParser, prefix: str = "", time_defa
                        help="shell line run before srun in every job, e.g. 'module load cuda' (repeatable)")
         g.add_argument("--logs", default=None, metavar="DIR",
                        help="submitit folder for job scripts and logs (default: RUN_DIR/slurm, OUT/slurm)")
+        mode = g.add_mutually_exclusive_group()
+        mode.add_argument("--dry-run", action="store_true",
+                          help="print the sbatch script and parameters of every job, submit nothing (no SLURM needed)")
+        mode.add_argument("--local", action="store_true",
+                          help="run the same jobs here, one stage after the other, through submitit's LocalExecutor "
+                               "(one task; logs in the --logs folder); returns when the last one is done")
 
 
 def _add_train_job_arguments(p: argparse.ArgumentParser) -> None:
@@ -130,12 +138,21 @@ def _require_slurm() -> None:
 def make_executor(folder: str | Path, args: argparse.Namespace, prefix: str = "", *, job_name: str,
                   nodes: int = 1, tasks_per_node: int = 1, dependency: str | None = None,
                   array_parallelism: int | None = None):
-    """A submitit SlurmExecutor for one kind of job. `prefix` selects the pipeline's score-* resources."""
+    """A submitit SlurmExecutor for one kind of job (with --dry-run one that prints instead, with --local
+    submitit's LocalExecutor). `prefix` selects the pipeline's score-* resources."""
     import submitit
 
-    _require_slurm()
-    ex = submitit.SlurmExecutor(folder=str(Path(folder) / "%j"), max_num_timeout=args.max_requeues)
+    from hvae_dist.submit import modes
+
     opt = lambda name: getattr(args, f"{prefix}{name}".replace("-", "_"))  # noqa: E731
+    if getattr(args, "local", False):
+        return modes.make_local_executor(folder, opt("time"), args.max_requeues)
+    if getattr(args, "dry_run", False):
+        counter = vars(args).setdefault("_dry_run_counter", [0])   # DRY-1, DRY-2, ... over the whole command
+        ex = modes.DryRunExecutor(Path(folder) / "%j", args.max_requeues, counter)
+    else:
+        _require_slurm()
+        ex = submitit.SlurmExecutor(folder=str(Path(folder) / "%j"), max_num_timeout=args.max_requeues)
     extra = {}
     for item in args.sbatch:
         key, sep, value = item.partition("=")
@@ -195,7 +212,14 @@ def submit_train(args: argparse.Namespace, out=sys.stdout, cfg: dict | None = No
     cfg = cfg if cfg is not None else resolve_train_config(args, nodes * tasks)
     ex = make_executor(args.logs or Path(args.run_dir) / "slurm", args, nodes=nodes, tasks_per_node=tasks,
                        job_name=f"hvae-train-{Path(args.run_dir).name}", dependency=_after(args.after))
+    if args.local and nodes * tasks > 1:
+        raise ConfigError(f"--local runs one task; --nodes {nodes} --tasks-per-node {tasks} need SLURM "
+                          "(or torchrun on one machine)")
     job = ex.submit(TrainJob(cfg, args.run_dir))
+    if args.local:
+        from hvae_dist.submit.modes import wait_local
+
+        wait_local([job], "train", out)
     run = Path(args.run_dir)
     print(f"train job {job.job_id}: {nodes} node(s) x {tasks} task(s), backend={cfg['train']['backend']}, "
           f"max_steps={cfg['train']['max_steps']}, time limit {args.time} min (checkpoints + requeues itself)",
@@ -230,14 +254,21 @@ def submit_scoring(args: argparse.Namespace, run_dir: str, out_dir: str, after: 
                        array_parallelism=args.max_concurrent or n)
     with ex.batch():
         shard_jobs = [ex.submit(ScoreShard(job, i, n)) for i in range(n)]   # one array job
+    if args.local:
+        from hvae_dist.submit.modes import wait_local
+
+        wait_local(shard_jobs, "score", out)
     array_id = shard_jobs[0].job_id.split("_")[0]
     in_dist = None if args.no_analyze else (args.in_dist or in_dist_default or args.datasets[0])
     analysis = str(Path(args.analysis_out).resolve()) if args.analysis_out else str(Path(out_dir) / "analysis")
     mex = make_executor(logs, args, prefix, job_name=f"hvae-merge-{name}", dependency=f"afterok:{array_id}")
-    mex.update_parameters(ntasks_per_node=1, nodes=1)
-    if getattr(args, f"{prefix}gpus_per_node") is not None:
-        mex.update_parameters(gpus_per_node=0)
+    if not args.local:
+        mex.update_parameters(ntasks_per_node=1, nodes=1)
+        if getattr(args, f"{prefix}gpus_per_node") is not None:
+            mex.update_parameters(gpus_per_node=0)
     merge_job = mex.submit(MergeAnalyze(out_dir, in_dist, analysis))
+    if args.local:
+        wait_local([merge_job], "merge", out)
     limit = f", at most {args.max_concurrent} at once" if args.max_concurrent else ""
     print(f"score array {array_id}: {n} shard(s) (tasks {array_id}_0..{array_id}_{n - 1}{limit}), "
           f"S={args.iw_samples}" + (f", after job {after or args.after}" if (after or args.after) else ""), file=out)
@@ -276,4 +307,6 @@ def run(args: argparse.Namespace) -> int:
         submit_scoring(args, args.run_dir, str(Path(args.out).resolve()))
     else:
         submit_pipeline(args)
+    if args.dry_run:
+        print("dry run: nothing was submitted (the ids above are placeholders); drop --dry-run to submit")
     return 0

@@ -13,7 +13,6 @@ import dataclasses
 import json
 import logging
 import math
-import os
 import signal
 import time
 from collections.abc import Mapping
@@ -37,10 +36,10 @@ from hvae_dist.checkpoint import (
     step_of,
 )
 from hvae_dist.config import Config
-from hvae_dist.data import get_dataset, parse_dataset_spec, perturb, preprocess_batch
+from hvae_dist.data import open_dataset, perturb, preprocess_batch
 from hvae_dist.distributed import World
 from hvae_dist.errors import TrainingDivergedError
-from hvae_dist.model import HierarchicalVAE, build_model
+from hvae_dist.model import HierarchicalModel, build_model
 from hvae_dist.objectives import bits_per_dim, elbo_loss, free_nats_at, kl_warmup_beta, lr_at
 from hvae_dist.signals import StoppedBySignal
 from hvae_dist.train.backends import Backend, make_backend
@@ -51,18 +50,6 @@ from hvae_dist.train.preflight import RunPlan, check_resume, check_run
 
 log = logging.getLogger("hvae_dist.train")
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)   # see hvae_dist.signals: finish the step, save
-# Test-only fault injection: the loss of these steps is made NaN on every rank (see tests/test_train_*.py).
-# Value: a step ("3"), a comma list ("3,7") or "all".
-NAN_STEP_ENV = "HVAE_DEBUG_NAN_AT_STEP"
-
-
-def _nan_steps_from_env() -> set[int] | str:
-    raw = os.environ.get(NAN_STEP_ENV, "").strip()
-    if raw == "all":
-        return raw
-    return {int(s) for s in raw.split(",") if s.strip()}
-
-
 # Streams of the training noise (the second counter of `rng.key_of(seed, stream, step or epoch)`).
 _PERMUTATION, _BINARIZE, _PERTURB, _LATENT = 1, 2, 3, 4
 
@@ -103,15 +90,15 @@ class Trainer:
         t = cfg.train
         self.plan = plan if plan is not None else check_run(cfg, world)   # the run's one validation
         self.local_batch = t.batch_size // world.world_size
-        name, split = parse_dataset_spec(f"{cfg.data.dataset}:train")
-        self.train_set = get_dataset(name, split, cfg.data.root, cfg.data.download, cfg.data.max_train_examples)
+        self.train_set = open_dataset(f"{cfg.data.dataset}:train", cfg.data.root, cfg.data.download,
+                                      max_examples=cfg.data.max_train_examples)
         self.images = torch.from_numpy(np.array(self.train_set.images))  # writable copy  # N, C, H, W uint8
         if cfg.model.input_shape is None:
             cfg.model = replace(cfg.model, input_shape=list(self.plan.input_shape))
         torch.manual_seed(t.seed)  # parameter init is identical on every rank
         model = build_model(cfg.model)
         self.backend: Backend = make_backend(model, t, world, device, self.plan.deepspeed_config)
-        self.model: HierarchicalVAE = self.backend.raw_model  # type: ignore[assignment]
+        self.model: HierarchicalModel = self.backend.raw_model  # type: ignore[assignment]
         self.ema = EMA(self.model, t.ema_decay) if t.ema_decay > 0 else None
         self.batches_per_epoch = len(self.train_set) // t.batch_size  # the last partial batch is dropped
         self.step, self.epoch, self.batch_in_epoch = 0, 0, 0
@@ -121,7 +108,6 @@ class Trainer:
         self._stop_requested = False
         self.stop_signal: int | None = None   # the first stop signal this process got
         self._perm: tuple[int, torch.Tensor] | None = None
-        self._nan_steps = _nan_steps_from_env()
         # The stop flag's all-reduce runs on the host, away from the device's stream (NCCL would sync it).
         self._host_group = torch.distributed.new_group(backend="gloo") if world.distributed else None
         if t.lr_schedule == "cosine" and t.max_minutes is not None and world.is_main:
@@ -288,8 +274,6 @@ class Trainer:
                     out = self.backend.forward_module(x, noise=noise)
                 loss = elbo_loss(out, beta=beta, free_nats=fn)   # the micro-batch's mean
                 total = loss.loss
-                if self._nan_steps == "all" or self.step in self._nan_steps:
-                    total = total * float("nan")
                 self.backend.backward(total)
             totals.append(total.detach())
             parts.append((loss.elbo, loss.log_px, loss.kl))   # detached
@@ -406,7 +390,7 @@ class Trainer:
         start_time, reason = time.monotonic(), "finished"
         last_t, last_step = time.perf_counter(), self.step
         if self.monitor is not None:
-            self.monitor.start(self.step, max_steps)
+            self.monitor.start(self.step, max_steps, self.cfg)
         while self.step < max_steps:
             self.train_step()
             if self.monitor is not None:
@@ -457,4 +441,4 @@ class Trainer:
         if self.world.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             text = json.dumps(self.cfg.to_dict(), indent=2).encode()
-            atomic_write(self.run_dir / "config.json", lambda f: f.write(text), "config")
+            atomic_write(self.run_dir / "config.json", lambda f: f.write(text), "config")   # files.write_atomic

@@ -22,12 +22,13 @@ import numpy as np
 import torch
 
 from hvae_dist.config import Config
-from hvae_dist.data import get_dataset, group_name, parse_dataset_spec
+from hvae_dist.data import open_dataset, parse_spec
+from hvae_dist.estimators import names
 from hvae_dist.estimators.detection import auroc
 from hvae_dist.estimators.reconstructions import reconstruction_grid
 from hvae_dist.estimators.rows import default_batch_size, resolve_sample_chunk
 from hvae_dist.estimators.scorer import IWScorer, ScoreSettings
-from hvae_dist.model import HierarchicalVAE
+from hvae_dist.model import HierarchicalModel
 from hvae_dist.objectives import bits_per_dim
 
 GRID_EXAMPLES = 4
@@ -47,7 +48,7 @@ def active_units(posterior_means: list[torch.Tensor], threshold: float = 0.01) -
     return [int((m.double().var(0) > threshold).sum()) for m in posterior_means]
 
 
-def evaluate(model: HierarchicalVAE, cfg: Config, device: torch.device, batch: torch.Tensor | None = None, *,
+def evaluate(model: HierarchicalModel, cfg: Config, device: torch.device, batch: torch.Tensor | None = None, *,
              batch_size: int | None = None, sample_chunk: int | None = None) -> Evaluation:
     """The validation of `model` (in eval mode; its training mode is restored): `validation_scalars`, and
     the image grids (`batch`: model input (B, C, H, W) for the reconstructions; None: no images).
@@ -61,7 +62,7 @@ def evaluate(model: HierarchicalVAE, cfg: Config, device: torch.device, batch: t
 
 
 @torch.inference_mode()
-def validation_scalars(model: HierarchicalVAE, cfg: Config, device: torch.device, *, batch_size: int | None = None,
+def validation_scalars(model: HierarchicalModel, cfg: Config, device: torch.device, *, batch_size: int | None = None,
                        sample_chunk: int | None = None) -> dict[str, float]:
     """Per validation set ELBO / bpd / LLR>k for every k, and the AUROCs of -ELBO and of LLR>k for every k of
     each OOD set against the first set, on equal-size subsamples (the first n rows of both, n the smaller
@@ -79,20 +80,20 @@ def validation_scalars(model: HierarchicalVAE, cfg: Config, device: torch.device
     scorer = IWScorer(model, ScoreSettings(iw_samples=t.eval_iw_samples, ks=ks, seed=t.seed,
                                            binarize=cfg.data.binarize, sample_chunk=sample_chunk), device)
     for spec in cfg.data.val_datasets:
-        name, split = parse_dataset_spec(spec)
-        group = group_name(f"{name}:{split}")
-        ds = get_dataset(name, split, cfg.data.root, cfg.data.download, t.eval_examples)
+        parsed = parse_spec(spec)
+        group = parsed.group
+        ds = open_dataset(parsed, cfg.data.root, cfg.data.download, max_examples=t.eval_examples)
         images = torch.from_numpy(np.array(ds.images))
         parts = [scorer.score_batch(images[a:a + batch_size], torch.arange(a, min(a + batch_size, len(ds))),
                                     group) for a in range(0, len(ds), batch_size)]
         elbo = np.concatenate([p["elbo"] for p in parts])
-        tag = spec.replace(":", "_")
+        tag = _tag(spec)
         results[f"val/{tag}/elbo"] = float(elbo.mean())
         results[f"val/{tag}/bpd"] = float(bits_per_dim(-elbo.mean(), num_dims))
         entry = {"elbo": elbo}
         for j, k in enumerate(ks):
-            entry[f"llr{k}"] = np.concatenate([p["llr"][:, j] for p in parts])
-            results[f"val/{tag}/llr{k}"] = float(entry[f"llr{k}"].mean())
+            entry[names.llr(k)] = np.concatenate([p["llr"][:, j] for p in parts])
+            results[f"val/{tag}/{names.llr(k)}"] = float(entry[names.llr(k)].mean())
         per_set[spec] = entry
         if spec == cfg.data.val_datasets[0]:
             # One posterior-sample pass for the posterior means (active units). Its noise comes from a generator
@@ -110,17 +111,18 @@ def validation_scalars(model: HierarchicalVAE, cfg: Config, device: torch.device
                 results[f"val/active_units/layer{i + 1}"] = float(n)
     in_dist = per_set[cfg.data.val_datasets[0]]
     for spec in cfg.data.val_datasets[1:]:
-        tag = spec.replace(":", "_")
+        tag = _tag(spec)
         n = min(len(in_dist["elbo"]), len(per_set[spec]["elbo"]))
-        results[f"val/auroc/{tag}/neg_elbo"] = auroc(-in_dist["elbo"][:n], -per_set[spec]["elbo"][:n])
+        results[names.metric_key("val", "auroc", tag, names.NLL)] = auroc(-in_dist["elbo"][:n], -per_set[spec]["elbo"][:n])
         for k in ks:
-            results[f"val/auroc/{tag}/llr{k}"] = auroc(in_dist[f"llr{k}"][:n], per_set[spec][f"llr{k}"][:n])
+            score = names.llr(k)
+            results[names.metric_key("val", "auroc", tag, score)] = auroc(in_dist[score][:n], per_set[spec][score][:n])
     model.train(was_training)
     return results
 
 
 @torch.no_grad()
-def image_grids(model: HierarchicalVAE, cfg: Config, device: torch.device, batch: torch.Tensor) -> dict[str, torch.Tensor]:
+def image_grids(model: HierarchicalModel, cfg: Config, device: torch.device, batch: torch.Tensor) -> dict[str, torch.Tensor]:
     """TensorBoard images (CPU float, (C, H, W)): `samples/prior` (64 prior samples, seeded with train.seed),
     `samples/reconstructions` (the first 32 rows of `batch`, model input, beside their reconstructions) and
     `visualize/reconstructions` (the `hvae visualize` grid of the first GRID_EXAMPLES of every validation set)."""
@@ -135,10 +137,17 @@ def image_grids(model: HierarchicalVAE, cfg: Config, device: torch.device, batch
     pairs = torch.stack([x.float(), recon.float()], dim=1).flatten(0, 1)
     images = {}
     for spec in cfg.data.val_datasets:
-        name, split = parse_dataset_spec(spec)
-        images[group_name(f"{name}:{split}")] = get_dataset(name, split, cfg.data.root, False, GRID_EXAMPLES).images
+        parsed = parse_spec(spec)
+        images[parsed.group] = open_dataset(parsed, cfg.data.root, False, max_examples=GRID_EXAMPLES).images
     grid = reconstruction_grid(model, images, cfg.data.binarize, cfg.train.seed, device=device)
     model.train(was_training)
     return {"samples/prior": make_grid(samples.float().cpu(), nrow=8),
             "samples/reconstructions": make_grid(pairs.cpu(), nrow=8),
             "visualize/reconstructions": grid.image}
+
+
+def _tag(spec: str) -> str:
+    """The TensorBoard tag of a validation set: NAME_SPLIT as given for a registry set ("MNIST:validation" ->
+    "MNIST_validation"), the group name for a file dataset ("./x.npy:validation" -> "x.npy_validation")."""
+    parsed = parse_spec(spec)
+    return parsed.group.replace("/", "_") if parsed.is_file else spec.replace(":", "_")

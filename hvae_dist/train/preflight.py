@@ -23,6 +23,7 @@ from typing import Any
 
 from hvae_dist.checkpoint import SCHEMA_VERSION
 from hvae_dist.config import (
+    REMOVED_KEYS,
     RESUMABLE_DATA_KEYS,
     Config,
     apply_overrides,
@@ -34,9 +35,9 @@ from hvae_dist.config import (
     parse_override,
     read_config_source,
 )
-from hvae_dist.data import check_image_shape, get_dataset, parse_dataset_spec
+from hvae_dist.data import check_image_shape, open_dataset, parse_spec
 from hvae_dist.distributed import World
-from hvae_dist.errors import CheckpointError, ConfigError, DatasetUnavailableError
+from hvae_dist.errors import CheckpointError, ConfigError, DataError, DatasetUnavailableError
 
 
 # ----- the config of a run -----
@@ -54,7 +55,7 @@ def _read_saved_config(path: Path) -> dict:
 def _resumable(item: str) -> bool:
     """True for a --set that may change on resume: train.*, data.<RESUMABLE_DATA_KEYS>."""
     (section, key), _ = parse_override(item)
-    return section == "train" or (section == "data" and key in RESUMABLE_DATA_KEYS)
+    return section == "train" or (section == "data" and key in RESUMABLE_DATA_KEYS) or f"{section}.{key}" in REMOVED_KEYS
 
 
 def resolve_run_config(run_dir: str | Path, config: str | None = None, overrides: list[str] | tuple = ()) -> Config:
@@ -152,8 +153,9 @@ def check_data(cfg: Config) -> tuple[int, ...]:
     its training. data.val_datasets may change on resume, so the message says how to fix it.
     """
     d, t = cfg.data, cfg.train
-    name, split = parse_dataset_spec(f"{d.dataset}:train")
-    train_set = get_dataset(name, split, d.root, d.download, d.max_train_examples)
+    train_spec = parse_spec(f"{d.dataset}:train")
+    name, split = train_spec.name, train_spec.split
+    train_set = open_dataset(train_spec, d.root, d.download, max_examples=d.max_train_examples)
     if len(train_set) < t.batch_size:
         raise ConfigError(f"train.batch_size={t.batch_size} is larger than the training set ({len(train_set)} examples)")
     if cfg.model.input_shape is not None:
@@ -164,9 +166,8 @@ def check_data(cfg: Config) -> tuple[int, ...]:
                "evaluation off with --set train.eval_every=0")
         for spec in d.val_datasets:
             try:
-                val_name, val_split = parse_dataset_spec(spec)
-                shape = get_dataset(val_name, val_split, d.root, d.download, 1).shape
-            except (ConfigError, DatasetUnavailableError) as e:
+                shape = open_dataset(spec, d.root, d.download, max_examples=1).shape
+            except (ConfigError, DatasetUnavailableError, DataError) as e:
                 why = " ".join(line.strip() for line in str(e).splitlines() if line.strip())   # one line
                 raise type(e)(f"config key 'data.val_datasets': {spec!r}: {why}; {fix}") from None
             check_image_shape(f"config key 'data.val_datasets': {spec!r}", shape, train_set.shape,

@@ -193,7 +193,7 @@ def test_to_dataframe_needs_pandas_or_says_so(score_file: Path):
             to_dataframe(score_file)
     else:
         df = to_dataframe(score_file)
-        assert len(df) == 40 + 30 + 50 + 35 and {"llr_1", "lk_2", "kl_3"} <= set(df.columns)
+        assert len(df) == 40 + 30 + 50 + 35 and {"llr1", "lk2", "kl3"} <= set(df.columns)
 
 
 # ------------------------------------------------------------------------------------------- complexity
@@ -209,7 +209,23 @@ def test_compressed_sizes_are_positive_method_specific_and_track_complexity():
     assert zl[0] == pytest.approx(8 * math.log(2) * len(__import__("zlib").compress(noise[0].tobytes(), 9)))
     rgb = compressed_size_nats(rng.integers(0, 256, (1, 3, 8, 8), dtype=np.uint8), "png")
     assert rgb[0] >= 8 * 8 * 3 * 8 * math.log(2)     # 192 random bytes do not compress: at least 192 bytes, in nats
-    with pytest.raises(ConfigError):
+    with pytest.raises(TypeError):
         compressed_size_nats(x.astype(np.float32), "png")
-    with pytest.raises(ConfigError):
+    with pytest.raises(ValueError) as e:
         compressed_size_nats(x, "gzip")
+    assert type(e.value) is ValueError
+
+
+def test_no_figure_cuts_a_title_label_or_legend_of_long_dataset_names(tmp_path):
+    """The issue 24 case: auroc_by_k's title was cut at "(dashed: -ELB"; long names are wrapped or laid out."""
+    from test_visualize import _texts_inside_the_figure
+
+    from helpers.analysis import write_score_file
+    from hvae_dist.analysis.metrics import run_analysis
+    from hvae_dist.analysis.plots import make_figures
+
+    names = {"FashionMNIST-inverted/test": 60, "SmallNORB-28x28-grayscale/test": 50, "MNIST/test": 40}
+    path = write_score_file(tmp_path / "s.h5", names, shifts={"MNIST/test": 1.0})
+    figures = make_figures(run_analysis(path, "FashionMNIST-inverted:test"))
+    assert {"auroc_by_k", "kl_layers", "hist_all", "roc_SmallNORB-28x28-grayscale_test"} <= set(figures)
+    assert {name: problems for name, fig in figures.items() if (problems := _texts_inside_the_figure(fig))} == {}

@@ -23,8 +23,11 @@ def test_demo_trains_with_the_recipe_and_writes_the_report(tmp_path, capsys):
     assert RECIPE == ("train.ema_decay=0.999",)
     assert hvae(["demo", "--out", str(tmp_path), *SMALL]) == 0
     assert _train_config(tmp_path)["ema_decay"] == 0.999
-    assert "--set train.ema_decay=0.999" in capsys.readouterr().out        # the printed command shows it
-    metrics = json.loads((tmp_path / "report" / "metrics.json").read_text())
+    out = capsys.readouterr().out
+    assert "--set train.ema_decay=0.999" in out                             # the printed command shows it
+    report = tmp_path / "scores" / "analysis"                               # where hvae analyze writes it too
+    assert out.rstrip().splitlines()[-1] == f"Report: open {report / 'report.html'}"
+    metrics = json.loads((report / "metrics.json").read_text())
     assert {r["score"] for r in metrics["rows"]} >= {"nll", "llr1"}
     # The checkpoint holds EMA weights and the scorer was asked for them (the attribute records the request).
     state = load_checkpoint(tmp_path / "run" / "checkpoints" / "latest.pt")

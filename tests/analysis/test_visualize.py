@@ -69,3 +69,33 @@ def test_cli_writes_a_labelled_png(tmp_path):
         pixels = np.asarray(img.convert("RGB"))
     assert len(np.unique(pixels.reshape(-1, 3), axis=0)) > 20     # images and labels, not a blank canvas
     assert hvae(["visualize", "--run-dir", str(run), "--datasets", "FashionMNIST:test", "--examples", "0"]) == 2
+
+
+def _texts_inside_the_figure(fig) -> list[str]:
+    """The texts (titles, tick labels, legends) drawn outside the figure's canvas after layout: none, or the
+    PNG would cut them. Only drawn artists count (Figure.get_tightbbox skips ticks outside the view)."""
+    renderer = fig.canvas.get_renderer()
+    fig.draw(renderer)
+    box, canvas = fig.get_tightbbox(renderer), fig.bbox_inches
+    tol = 0.01                                                                      # inches
+    if (box.x0 >= canvas.x0 - tol and box.y0 >= canvas.y0 - tol and box.x1 <= canvas.x1 + tol
+            and box.y1 <= canvas.y1 + tol):
+        return []
+    return [f"drawn in {box.bounds}, canvas {canvas.bounds} (inches)"]
+
+
+def test_long_row_labels_and_the_title_are_not_clipped_and_the_title_has_the_step(tmp_path, monkeypatch):
+    from hvae_dist.analysis.visualize import grid_figure
+
+    model, cfg = build(_config("vae"))
+    grid = reconstruction_grid(model, {"ST-inverted/test": _images(2, 0), "FashionMNIST-28x28/validation":
+                                       _images(2, 1)}, cfg.data.binarize, seed=0, temperatures=(1.0,))
+    assert _texts_inside_the_figure(grid_figure(grid, "run: vae, latest.pt (step 222)")) == []
+    run = make_run_dir(tmp_path / "run", _config("vae"), step=222)
+    import hvae_dist.analysis.visualize as visualize
+
+    titles = []
+    monkeypatch.setattr(visualize, "grid_figure", lambda g, title="": titles.append(title) or grid_figure(g, title))
+    assert hvae(["visualize", "--run-dir", str(run), "--datasets", "FashionMNIST:test", "--examples", "1",
+                 "--out", str(tmp_path / "v")]) == 0
+    assert titles == ["run: vae, latest.pt (step 222)"]

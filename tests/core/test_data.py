@@ -278,8 +278,9 @@ def test_preprocess_dynamic_is_bernoulli_and_deterministic_given_noise_or_genera
     # noise per example: the result for one example does not depend on the rest of the batch
     assert torch.equal(preprocess_batch(x[5:6], "dynamic", u[5:6]), a[5:6])
     assert preprocess_batch(x, "dynamic").shape == x.shape  # global RNG
-    with pytest.raises(ConfigError, match="shape"):
+    with pytest.raises(ValueError, match="shape") as e:
         preprocess_batch(x, "dynamic", u[:2])
+    assert type(e.value) is ValueError     # a caller's bug, not a user's ConfigError
 
 
 def test_preprocess_dequantize_stays_in_the_bin_of_each_value():
@@ -290,9 +291,10 @@ def test_preprocess_dequantize_stays_in_the_bin_of_each_value():
 
 
 def test_preprocess_rejects_unknown_mode_and_float_input():
-    with pytest.raises(ConfigError, match="dequantize"):
+    with pytest.raises(ValueError, match="dequantize") as e:   # internal contracts: not a user's ConfigError
         preprocess_batch(_pixels(), "binarize")
-    with pytest.raises(ConfigError, match="uint8"):
+    assert type(e.value) is ValueError
+    with pytest.raises(TypeError, match="uint8"):
         preprocess_batch(_pixels().float(), "none")
 
 
@@ -307,5 +309,5 @@ def test_perturb_rate_zero_is_identity_and_rate_one_replaces_about_every_pixel()
     changed = (z != x).float().mean().item()
     assert abs(changed - 0.2 * 255 / 256) < 0.01
     assert torch.equal(z, perturb(x, 0.2, torch.Generator().manual_seed(3)))
-    with pytest.raises(ConfigError):
+    with pytest.raises(ValueError):
         perturb(x, 1.5, g)

@@ -14,7 +14,7 @@ import torch
 
 from helpers.models import preset_model_config, standard_noise
 from hvae_dist.model import PRIOR_MODE, SAMPLE, build_model, lk_modes
-from hvae_dist.nn import Gaussian
+from hvae_dist.nn import DiagonalGaussian
 
 ARCHS = {
     # id: (preset, likelihood, input shape)
@@ -41,7 +41,7 @@ def _data(arch: str, batch: int = BATCH, seed: int = 1) -> torch.Tensor:
     return torch.randint(0, 256, (batch, *shape), generator=g).float() / 255.0  # 8-bit values k / 255
 
 
-# ----------------------------------------------------------------------------------------------- Gaussian
+# ----------------------------------------------------------------------------------------------- DiagonalGaussian
 def _analytic_kl(mq, sq, mp, sp):
     return torch.log(sp / sq) + (sq ** 2 + (mq - mp) ** 2) / (2 * sp ** 2) - 0.5
 
@@ -49,9 +49,9 @@ def _analytic_kl(mq, sq, mp, sp):
 def test_single_sample_gaussian_kl_estimate_averages_to_the_analytic_kl():
     g = torch.Generator().manual_seed(0)
     dims, n = 6, 200_000
-    q = Gaussian(torch.randn(dims, generator=g, dtype=torch.float64),
+    q = DiagonalGaussian(torch.randn(dims, generator=g, dtype=torch.float64),
                  torch.rand(dims, generator=g, dtype=torch.float64) + 0.3)
-    p = Gaussian(torch.randn(dims, generator=g, dtype=torch.float64),
+    p = DiagonalGaussian(torch.randn(dims, generator=g, dtype=torch.float64),
                  torch.rand(dims, generator=g, dtype=torch.float64) + 0.5)
     z = q.rsample(torch.randn(n, dims, generator=g, dtype=torch.float64))   # n, D
     est = q.log_prob(z) - p.log_prob(z)                                      # n, D
@@ -67,8 +67,8 @@ def test_gaussian_log_prob_matches_torch_normal_in_float64():
     loc, scale = torch.randn(5, 4, generator=g, dtype=torch.float64), torch.rand(5, 4, generator=g, dtype=torch.float64) + 0.1
     z = torch.randn(5, 4, generator=g, dtype=torch.float64)
     expected = torch.distributions.Normal(loc, scale).log_prob(z)
-    torch.testing.assert_close(Gaussian(loc, scale).log_prob(z), expected, rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(Gaussian.standard_log_prob(z), torch.distributions.Normal(0.0, 1.0).log_prob(z),
+    torch.testing.assert_close(DiagonalGaussian(loc, scale).log_prob(z), expected, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(DiagonalGaussian.standard_log_prob(z), torch.distributions.Normal(0.0, 1.0).log_prob(z),
                                rtol=1e-12, atol=1e-12)
 
 
@@ -181,11 +181,31 @@ def test_every_parameter_gets_a_gradient_from_the_elbo(model_type):
     assert not missing, f"parameters unused by the forward pass: {missing}"
 
 
-def test_model_without_input_shape_raises_config_error():
-    from hvae_dist.errors import ConfigError
-    cfg = preset_model_config("tiny")
-    with pytest.raises(ConfigError, match="input_shape"):
+@pytest.mark.parametrize("model_type", ["vae", "lvae", "biva"])
+def test_every_hierarchy_is_the_one_model_type_and_implements_all_of_it(model_type):
+    from hvae_dist.model import HierarchicalModel, Model
+
+    model = _model("fashionmnist-bernoulli", model_type)
+    assert Model is HierarchicalModel and isinstance(model, HierarchicalModel) and model.type == model_type
+    interface = ("num_layers", "latent_shapes", "precompute", "forward", "sample_prior", "reconstruct")
+    inherited = [name for name in interface if getattr(type(model), name) is getattr(HierarchicalModel, name)]
+    assert not inherited, f"{type(model).__name__} does not implement {inherited}"
+    assert len(model.latent_shapes) == model.num_layers and tuple(model.input_shape) == (1, 28, 28)
+
+
+def test_the_distribution_and_the_likelihood_head_have_distinct_names():
+    from hvae_dist.nn import likelihoods, stochastic
+
+    assert not hasattr(stochastic, "Gaussian") and not hasattr(likelihoods, "Gaussian")
+    cfg = preset_model_config("fashionmnist", "vae", channels=8, likelihood="gaussian", input_shape=(1, 28, 28))
+    assert type(build_model(cfg).likelihood) is likelihoods.GaussianLikelihood
+
+
+def test_model_without_input_shape_raises_value_error():
+    cfg = preset_model_config("tiny")              # a caller's bug, not the user's: not a ConfigError
+    with pytest.raises(ValueError, match="input_shape") as e:
         build_model(cfg)
+    assert type(e.value) is ValueError
 
 
 def test_wrong_number_of_modes_raises():

@@ -86,3 +86,24 @@ def test_smallnorb_reads_the_binary_matrix_files_left_camera(tmp_path):
 def test_without_a_root_the_error_says_how_to_get_the_set(name, words):
     with pytest.raises(DatasetUnavailableError, match=words):
         load_arrays(name, "test")
+
+
+def test_hvae_data_root_is_the_default_root_after_an_explicit_one(tmp_path, monkeypatch):
+    """Precedence: --data-root / data.root (the `root` argument), then $HVAE_DATA_ROOT, then the offline copies."""
+    from hvae_dist.data.registry import DATA_ROOT_ENV
+
+    rng = np.random.default_rng(3)
+    for c in range(2):
+        for k in range(5):
+            _png(tmp_path / "omniglot-py" / "images_evaluation" / "Alpha0" / f"character{c + 1:02d}" / f"{k}.png",
+                 np.where(rng.random((105, 105)) < 0.1, 0, 255).astype(np.uint8))
+    with pytest.raises(DatasetUnavailableError):
+        load_arrays("Omniglot", "test")                                   # no root, no variable: not offline
+    monkeypatch.setenv(DATA_ROOT_ENV, str(tmp_path))
+    assert len(get_dataset("Omniglot", "test")) == 10                     # the variable's root
+    monkeypatch.setenv(DATA_ROOT_ENV, str(tmp_path / "absent"))
+    assert len(get_dataset("Omniglot", "test", root=str(tmp_path))) == 10  # an explicit root wins
+    with pytest.raises(DatasetUnavailableError, match=r"\$HVAE_DATA_ROOT .*absent.* does not exist"):
+        load_arrays("FashionMNIST", "test")                               # a bad variable is an error, no fallback
+    monkeypatch.setenv(DATA_ROOT_ENV, "")
+    assert load_arrays("FashionMNIST", "test")[0].shape[1:] == (1, 28, 28)   # empty: the offline copies

@@ -154,7 +154,8 @@ def load_json(path: str | Path) -> dict:
 def score_args(run_dir, out, *extra: str, datasets=("FashionMNIST:test", "MNIST:test"), samples: int = 12,
                max_examples: int = 7) -> list[str]:
     return ["score", "--run-dir", str(run_dir), "--datasets", *datasets, "--iw-samples", str(samples),
-            "--out", str(out), "--max-examples", str(max_examples), "--no-progress", *extra]
+            "--out", str(out), *([] if "--max-examples" in extra else ["--first", str(max_examples)]), "--no-progress",
+            *extra]
 
 
 __all__ = [

@@ -22,6 +22,7 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[2]
+INJECT_DIR = Path(__file__).resolve().parent / "inject"   # = helpers.faults.INJECT_DIR
 PYTHON = sys.executable
 TORCHRUN = str(Path(sys.executable).with_name("torchrun"))
 
@@ -91,7 +92,10 @@ def command(args: list[str], nproc: int = 1, script: str | None = None) -> list[
 def env(**extra: str) -> dict:
     e = dict(os.environ)
     e.pop("HVAE_DEBUG_NAN_AT_STEP", None)
-    e.update({"OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"})
+    # PYTHONPATH: the repository, and the fault-injection hooks (helpers.faults: HVAE_DEBUG_NAN_AT_STEP); not
+    # `from helpers import faults`: this file also runs as a script (torchrun), where `helpers` is not a package.
+    e.update({"OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(INJECT_DIR), str(REPO)]),
+              "PYTHONUNBUFFERED": "1"})
     e.update(extra)
     return e
 

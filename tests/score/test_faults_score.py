@@ -15,6 +15,7 @@ import h5py
 import numpy as np
 import pytest
 
+from helpers import faults
 from helpers.score import REPO, fill_disk, make_run_dir, score_args, small_config, small_tmpfs
 from hvae_dist.cli import HelpFormatter, build_parser
 from hvae_dist.cli import main as hvae
@@ -28,7 +29,7 @@ from hvae_dist.score.reader import read_scores
 from hvae_dist.score.runner import ProgressLog
 
 SHARD = "shard-00000-of-00001.h5"
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+ENV = faults.subprocess_env(OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")   # HVAE_SCORE_TRACE: helpers.faults
 
 
 @pytest.fixture(scope="module")
@@ -291,7 +292,7 @@ def test_progress_lines_without_a_terminal_give_rows_rate_and_eta(run_dir, tmp_p
                            datasets=("FashionMNIST:test",))) == 0
     err = capsys.readouterr().err
     assert "batch 2 x sample chunk 12 = 24 rows per pass" in err, err        # auto: 64 // 2 = 32, capped at S
-    lines = [line for line in err.splitlines() if "rows/s" in line]
+    lines = [line.split(" ", 2)[2] for line in err.splitlines() if "rows/s" in line]   # after the UTC date and time
     assert len(lines) == 4, err                                               # 2, 4, 6 of 7 rows; then done
     assert lines[0].startswith("hvae score: shard 0 of 1: 2/7 rows (28.6%)") and "ETA" in lines[0], lines
     assert "done, 7/7 rows" in lines[-1]
@@ -303,7 +304,7 @@ def test_progress_log_writes_a_line_every_interval_and_at_the_end():
 
     class Stream:
         def write(self, text):
-            lines.extend(t for t in text.splitlines() if t)
+            lines.extend(t.split(" ", 2)[2] for t in text.splitlines() if t)   # after the UTC date and time
 
         def flush(self):
             pass

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from helpers import faults
 from helpers.score import build, exact_config, exact_log_px, make_run_dir, score_args, small_config
 from hvae_dist.cli import main as hvae
 from hvae_dist.errors import ConfigError
@@ -166,21 +167,21 @@ def test_scores_are_invariant_to_batch_size_sample_chunk_and_shard_count(run_dir
 
 
 def test_rerun_of_a_finished_shard_computes_nothing_and_other_settings_are_refused(run_dir, tmp_path, capsys, monkeypatch):
-    _score(run_dir, tmp_path, "--max-examples", "3")
+    _score(run_dir, tmp_path, "--first", "3")
     trace = tmp_path / "trace.txt"
-    monkeypatch.setenv("HVAE_SCORE_TRACE", str(trace))
-    _score(run_dir, tmp_path, "--max-examples", "3", "--batch-size", "2")     # batch size may change
+    faults.trace_scored_rows(monkeypatch, trace)
+    _score(run_dir, tmp_path, "--first", "3", "--batch-size", "2")     # batch size may change
     assert not trace.exists()
     for extra, what in ((["--seed", "1"], "seed"), (["--iw-samples-lk", "5"], "iw_samples_lk"),
-                        (["--ks", "1"], "ks"), (["--max-examples", "4"], "dataset_sizes")):
+                        (["--ks", "1"], "ks"), (["--first", "4"], "dataset_sizes")):
         args = score_args(run_dir, tmp_path, *extra)
-        if "--max-examples" not in extra:
-            args += ["--max-examples", "3"]
+        if "--first" not in extra:
+            args += ["--first", "3"]
         assert hvae(args) == 2
         err = capsys.readouterr().err
         assert "shard-00000-of-00001.h5" in err and what in err, err
     other = make_run_dir(tmp_path / "other_run", seed=5)
-    assert hvae(score_args(other, tmp_path, "--max-examples", "3")) == 2
+    assert hvae(score_args(other, tmp_path, "--first", "3")) == 2
     assert "another model" in capsys.readouterr().err
 
 

@@ -47,11 +47,12 @@ def test_merge_of_good_shards_is_sorted_complete_and_atomic(out, capsys):
     s = read_scores(out / "scores.h5")
     for g in ("FashionMNIST/test", "MNIST/test"):
         assert s.groups[g]["index"].tolist() == list(range(7))
-        assert set(s.groups[g]) == {"index", "elbo", "elbo_1", "lk", "llr", "kl", "bpd"}
+        assert set(s.groups[g]) == {"index", "elbo", "elbo_1", "lk", "llr", "kl", "bpd", "label"}
         assert np.isfinite(s.groups[g]["elbo"]).all()
     assert s.attrs["merged_shards"] == 3 and "shard" not in s.attrs and "num_shards" not in s.attrs
-    assert sorted(os.listdir(out)) == ([f".shard-0000{i}-of-00003.lock" for i in range(3)] + ["scores.h5"]
-                                       + [f"shard-0000{i}-of-00003.h5" for i in range(3)])   # the locks stay
+    assert sorted(os.listdir(out)) == ([f".shard-0000{i}-of-00003.lock" for i in range(3)]
+                                       + [f"score-shard-0000{i}-of-00003.log" for i in range(3)] + ["scores.h5"]
+                                       + [f"shard-0000{i}-of-00003.h5" for i in range(3)])   # the locks, logs stay
 
 
 def test_merge_refuses_a_truncated_shard(out):

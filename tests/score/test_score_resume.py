@@ -1,7 +1,6 @@
 """A shard killed with SIGKILL resumes at its first incomplete row and ends equal to an uninterrupted run."""
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -10,6 +9,7 @@ import time
 import numpy as np
 import pytest
 
+from helpers import faults
 from helpers.score import REPO, make_run_dir, score_args
 from hvae_dist.cli import main as hvae
 from hvae_dist.score.reader import read_scores
@@ -19,7 +19,7 @@ GROUP = "FashionMNIST/test"
 
 
 def _traced(path):
-    """Rows computed by a run, from its HVAE_SCORE_TRACE file: set of dataset indices."""
+    """Rows computed by a run, from its trace file (helpers.faults): set of dataset indices."""
     if not path.exists():
         return []
     return [int(line.split()[1]) for line in path.read_text().splitlines() if line.startswith(GROUP)]
@@ -32,7 +32,7 @@ def test_score_shard_resume_after_sigkill(tmp_path, monkeypatch):
     args = score_args(run, tmp_path / "out", "--batch-size", str(batch), "--sample-chunk", "20",
                       datasets=("FashionMNIST:test",), samples=40, max_examples=rows)
     first = tmp_path / "trace-killed.txt"
-    env = {**os.environ, "HVAE_SCORE_TRACE": str(first), "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    env = faults.subprocess_env(HVAE_SCORE_TRACE=str(first), OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
     proc = subprocess.Popen([sys.executable, "-m", "hvae_dist", *args], cwd=REPO, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.time() + 120
@@ -51,7 +51,7 @@ def test_score_shard_resume_after_sigkill(tmp_path, monkeypatch):
         assert np.isfinite(s[key][s["complete"].astype(bool)]).all()
 
     second = tmp_path / "trace-resumed.txt"
-    monkeypatch.setenv("HVAE_SCORE_TRACE", str(second))
+    faults.trace_scored_rows(monkeypatch, second)
     assert hvae(args) == 0
     resumed = _traced(second)
     assert len(resumed) == len(set(resumed))                       # nothing computed twice in the re-run
@@ -60,7 +60,7 @@ def test_score_shard_resume_after_sigkill(tmp_path, monkeypatch):
     assert len(set(resumed) & killed) <= batch                     # at most the batch in flight at the kill
     assert min(resumed) == min(set(range(rows)) - complete)        # resumed at the first incomplete row
 
-    monkeypatch.delenv("HVAE_SCORE_TRACE")
+    monkeypatch.undo()                                             # no more tracing
     assert hvae(score_args(run, tmp_path / "ref", "--batch-size", "8", "--sample-chunk", "40",
                            datasets=("FashionMNIST:test",), samples=40, max_examples=rows)) == 0
     got = read_scores(shard).groups[GROUP]

@@ -23,6 +23,7 @@ import numpy as np
 import pytest
 import torch
 
+from helpers import faults
 from hvae_dist.config import read_config_source
 from hvae_dist.errors import ConfigError
 
@@ -44,7 +45,7 @@ slurm = [pytest.mark.slurm, needs_slurm]
 
 TRAIN_SET = ["--set", "data.max_train_examples=512", "--set", "train.batch_size=32", "--set", "train.eval_every=0",
              "--set", "train.checkpoint_every=10"]
-SCORE_ARGS = ["--datasets", "FashionMNIST:test", "MNIST:test", "--iw-samples", "8", "--max-examples", "48",
+SCORE_ARGS = ["--datasets", "FashionMNIST:test", "MNIST:test", "--iw-samples", "8", "--first", "48",
               "--batch-size", "4"]
 TERMINAL = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE",
             "PREEMPTED")
@@ -111,13 +112,18 @@ def read_groups(path: Path) -> dict:
     return read_scores(path).groups
 
 
-def assert_same_scores(a: Path, b: Path) -> None:
+def assert_same_scores(a: Path, b: Path, rtol: float = 0.0) -> None:
+    """Same groups, fields and values: bitwise (rtol 0) when both ran the same forward passes; with rtol
+    (values only) when the passes held other rows, which changes the float rounding of the convolutions."""
     ga, gb = read_groups(a), read_groups(b)
     assert ga.keys() == gb.keys()
     for g in ga:
         assert ga[g].keys() == gb[g].keys(), g
         for k in ga[g]:
-            np.testing.assert_array_equal(ga[g][k], gb[g][k], err_msg=f"{g}/{k}")
+            if rtol and np.issubdtype(ga[g][k].dtype, np.floating):
+                np.testing.assert_allclose(ga[g][k], gb[g][k], rtol=rtol, atol=1e-4, err_msg=f"{g}/{k}")
+            else:
+                np.testing.assert_array_equal(ga[g][k], gb[g][k], err_msg=f"{g}/{k}")
 
 
 def slurm_world() -> tuple[int, int]:
@@ -231,7 +237,8 @@ def test_score_shard_and_merge_jobs_call_the_functions_and_equal_the_commands(tm
     assert [ScoreShard(job, i, 2)() for i in range(2)] == [str(tmp_path / "jobs")] * 2
     result = MergeAnalyze(str(tmp_path / "jobs"), "FashionMNIST:test", str(tmp_path / "analysis"))()
     assert result["scores"] == str(tmp_path / "jobs" / "scores.h5")
-    assert_same_scores(tmp_path / "cli" / "scores.h5", tmp_path / "jobs" / "scores.h5")
+    # One shard scores each group's 5 rows in one pass, two shards in two: equal up to float rounding.
+    assert_same_scores(tmp_path / "cli" / "scores.h5", tmp_path / "jobs" / "scores.h5", rtol=1e-5)
     assert (tmp_path / "analysis" / "metrics.json").exists()
 
 
@@ -328,8 +335,9 @@ def test_preempted_score_shards_resume_their_files_without_loss_or_duplication(t
 
     out, trace = tmp_path / "scores", tmp_path / "trace.txt"
     monkeypatch.setenv("HVAE_SCORE_TRACE", str(trace))   # every computed row, appended by every shard
+    monkeypatch.setenv("PYTHONPATH", faults.subprocess_env()["PYTHONPATH"])   # the jobs get helpers.faults' hook
     ids, _ = submit("score", "--run-dir", str(trained), "--out", str(out), "--num-shards", "3", "--cpus-per-task",
-                    "1", "--time", "10", "--no-analyze", *SCORE_ARGS, "--score-args", "--sample-chunk 2")
+                    "1", "--time", "10", "--no-analyze", *SCORE_ARGS, "--sample-chunk", "2")
     array = ids["score"]
     n = 48
 

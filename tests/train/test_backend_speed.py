@@ -18,7 +18,7 @@ from hvae_dist.distributed import World
 from hvae_dist.model import build_model
 from hvae_dist.objectives import elbo_loss
 from hvae_dist.train.backends import StepResult
-from hvae_dist.train.backends.ddp import TorchBackend, use_channels_last
+from hvae_dist.train.backends.single import SingleBackend, use_channels_last
 
 BATCH = 4
 
@@ -34,11 +34,11 @@ def _data(step: int, model, device) -> tuple[torch.Tensor, list[torch.Tensor]]:
     return x.to(device), [n.to(device) for n in standard_noise(model, BATCH, seed=200 + step)]
 
 
-def _backend(model, device="cpu", **train) -> TorchBackend:
-    return TorchBackend(copy.deepcopy(model), TrainConfig(**train), World(), torch.device(device))
+def _backend(model, device="cpu", **train) -> SingleBackend:
+    return SingleBackend(copy.deepcopy(model), TrainConfig(**train), World(), torch.device(device))
 
 
-def _step(backend: TorchBackend, step: int) -> tuple[float, StepResult]:
+def _step(backend: SingleBackend, step: int) -> tuple[float, StepResult]:
     x, noise = _data(step, backend.raw_model, backend.device)
     with backend.autocast():
         out = backend.forward_module(x, noise=noise)
@@ -146,7 +146,7 @@ def test_a_non_finite_loss_is_skipped_and_the_next_update_applies(device):
 def test_resume_into_the_other_memory_layout_keeps_adam_moments_with_their_parameters():
     """Fused Adam walks parameters and moments as flat arrays: a moment left in a checkpoint's NCHW order
     beside an NHWC parameter would be applied to the wrong elements (checked: without the re-layout in
-    TorchBackend.load_state_dict this test fails)."""
+    SingleBackend.load_state_dict this test fails)."""
     model = _model()
     first = _backend(model, lr=1e-2, channels_last=False)
     for step in range(2):

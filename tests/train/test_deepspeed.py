@@ -16,6 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from helpers import faults
+
 pytest.importorskip("deepspeed")
 
 from hvae_dist.checkpoint import load_checkpoint
@@ -51,7 +53,7 @@ DRIVER = textwrap.dedent("""
 def _env(**extra) -> dict:
     env = {k: v for k, v in os.environ.items()
            if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "HVAE_DEBUG_NAN_AT_STEP")}
-    env.update(PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", **extra)
+    env.update(PYTHONPATH=os.pathsep.join([str(faults.INJECT_DIR), str(ROOT)]), OMP_NUM_THREADS="1", **extra)
     return env
 
 

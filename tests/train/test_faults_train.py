@@ -351,7 +351,7 @@ def test_train_help_has_an_example_every_default_set_syntax_and_what_may_change_
     out = capsys.readouterr().out
     assert "examples:" in out and "hvae train --config tiny --run-dir" in out
     assert "--set KEY=VALUE overrides one config field" in out and "train.lr=1e-3" in out
-    assert "may change on resume" in out and "data.{val_datasets,root,download,num_workers}" in out
+    assert "may change on resume" in out and "data.{val_datasets,root,download}" in out
     helps: dict[str, str] = {}
     for line in out.split("options:")[1].split("examples:")[0].splitlines():
         if line.startswith("  -"):
@@ -378,7 +378,7 @@ def test_disk_full_while_saving_leaves_no_temp_file_and_one_line_naming_path_and
     assert _train(run6, 8) == 2
     line = _one_line_error(capsys.readouterr().err)
     assert f"cannot write checkpoint {run6 / 'checkpoints' / 'step-8.pt'}: No space left on device" in line
-    assert " free on " in line and "free some space" in line
+    assert " free of " in line and "free some space" in line
     assert not [p for p in (run6 / "checkpoints").iterdir() if p.name.endswith(".tmp")]
     assert _files(run6) == before
     monkeypatch.setattr(ck.torch, "save", real_save)
@@ -403,7 +403,7 @@ def test_a_real_full_disk_while_saving_is_one_line_and_leaves_no_temp_file(small
     assert _train(run, 2) == 2
     line = _one_line_error(capsys.readouterr().err)
     assert f"cannot write checkpoint {run / 'checkpoints' / 'step-2.pt'}: No space left on device (" in line, line
-    assert " KiB free on " in line
+    assert " KiB free of " in line
     assert not [p.name for p in (run / "checkpoints").iterdir()]      # no temp file, no torn checkpoint
     subprocess.run(["mount", "-o", "remount,size=8m", str(small_fs)], check=True)
     assert _train(run, 2) == 0 and th.latest(run)["step"] == 2          # the same command, once there is space

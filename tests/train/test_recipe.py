@@ -10,6 +10,7 @@ import subprocess
 import pytest
 import torch
 
+from helpers import faults
 from helpers import train as th
 from hvae_dist.distributed import World
 from hvae_dist.errors import ConfigError
@@ -136,10 +137,10 @@ def test_a_nan_loss_in_any_micro_batch_skips_the_whole_update(tmp_path, monkeypa
 
     partial, whole = _trainer(tmp_path / "partial", train__accumulation_steps=2), \
         _trainer(tmp_path / "whole", train__accumulation_steps=2)
-    whole._nan_steps = {2}
     monkeypatch.setattr(engine, "elbo_loss", nan_in_second_micro_batch_of_step_2)
     stats = [partial.train_step() for _ in range(4)]
     monkeypatch.setattr(engine, "elbo_loss", loss_fn)
+    faults.nan_at_steps(monkeypatch, {2})          # every micro-batch of step 2
     for _ in range(4):
         whole.train_step()
     assert [s["skipped"] for s in stats] == [0, 0, 1, 0] and math.isnan(stats[2]["grad_norm"])
@@ -281,7 +282,7 @@ def test_deepspeed_skips_an_update_whose_later_micro_batch_is_nan_exactly_like_a
     driver.write_text(NAN_DRIVER)
     partial, whole = tmp_path / "partial", tmp_path / "whole"
     _deepspeed(partial, 4, "train.accumulation_steps=2", driver=driver)
-    _deepspeed(whole, 4, "train.accumulation_steps=2", env_extra={engine.NAN_STEP_ENV: "2"})
+    _deepspeed(whole, 4, "train.accumulation_steps=2", env_extra={faults.NAN_ENV: "2"})
     got, want = th.latest(partial), th.latest(whole)
     assert got["counters"]["skipped_total"] == want["counters"]["skipped_total"] == 1
     th.assert_bitwise_equal(got["model"], want["model"], "weights")

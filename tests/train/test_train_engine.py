@@ -11,10 +11,11 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from helpers import faults
 from helpers import train as th
 from hvae_dist.distributed import World
 from hvae_dist.errors import ConfigError, TrainingDivergedError
-from hvae_dist.train.engine import NAN_STEP_ENV, Trainer
+from hvae_dist.train.engine import Trainer
 from hvae_dist.train.monitor import Monitor
 
 CPU = torch.device("cpu")
@@ -35,7 +36,7 @@ def _finite(state: dict) -> bool:
 
 # ----- skipped updates -----
 def test_nan_loss_on_one_step_is_skipped_counted_and_training_continues(tmp_path, monkeypatch, caplog):
-    monkeypatch.setenv(NAN_STEP_ENV, "3")
+    faults.nan_at_steps(monkeypatch, {3})
     trainer = _trainer(tmp_path, monitor=True)
     with caplog.at_level("WARNING", logger="hvae_dist"):
         result = trainer.fit(8)
@@ -50,7 +51,7 @@ def test_nan_loss_on_one_step_is_skipped_counted_and_training_continues(tmp_path
 
 
 def test_skipped_update_leaves_weights_and_optimizer_untouched(tmp_path, monkeypatch):
-    monkeypatch.setenv(NAN_STEP_ENV, "2")
+    faults.nan_at_steps(monkeypatch, {2})
     trainer = _trainer(tmp_path)
     for _ in range(2):
         trainer.train_step()
@@ -63,7 +64,7 @@ def test_skipped_update_leaves_weights_and_optimizer_untouched(tmp_path, monkeyp
 
 
 def test_too_many_skipped_updates_in_a_row_raise_training_diverged_error(tmp_path, monkeypatch):
-    monkeypatch.setenv(NAN_STEP_ENV, "all")
+    faults.nan_at_steps(monkeypatch, "all")
     trainer = _trainer(tmp_path, train__max_skipped=3)
     with pytest.raises(TrainingDivergedError,
                        match=r"3 updates in a row were skipped at step 2 .*train\.max_skipped"):
@@ -97,7 +98,7 @@ def test_the_training_step_reads_nothing_back_from_the_device(tmp_path, ema_deca
 
 
 def test_stats_are_read_on_logging_steps_and_before_checkpoints_and_skips_still_stop_the_run(tmp_path, monkeypatch):
-    monkeypatch.setenv(NAN_STEP_ENV, "1,3,4,5")
+    faults.nan_at_steps(monkeypatch, {1, 3, 4, 5})
     trainer = _trainer(tmp_path, monitor=True, train__log_every=4, train__checkpoint_every=6, train__max_skipped=3)
     reads, read = [], Trainer.read_updates
     monkeypatch.setattr(Trainer, "read_updates", lambda self: reads.append(self.step) or read(self))
@@ -116,13 +117,13 @@ def test_validate_without_a_monitor_returns_the_evaluation(tmp_path):
     assert result.scalars.keys() >= {"val/FashionMNIST_validation/elbo", "val/auroc/MNIST_validation/llr1",
                                      "val/active_units/layer1"}
     assert all(math.isfinite(v) for v in result.scalars.values())
-    assert all(0 <= result.scalars[f"val/auroc/MNIST_validation/{s}"] <= 1 for s in ("neg_elbo", "llr1", "llr2"))
+    assert all(0 <= result.scalars[f"val/auroc/MNIST_validation/{s}"] <= 1 for s in ("nll", "llr1", "llr2"))
     assert set(result.images) == {"samples/prior", "samples/reconstructions", "visualize/reconstructions"}
     assert not (tmp_path / "tb").exists()      # nothing written: there is no monitor
 
 
 def test_skipped_updates_that_are_not_in_a_row_do_not_stop_the_run(tmp_path, monkeypatch):
-    monkeypatch.setenv(NAN_STEP_ENV, "1,3,5")
+    faults.nan_at_steps(monkeypatch, {1, 3, 5})
     trainer = _trainer(tmp_path, train__max_skipped=2)
     assert trainer.fit(7)["reason"] == "finished"
     assert trainer.counters.skipped_total == 3
@@ -141,7 +142,7 @@ def test_tensorboard_has_train_val_perf_scalars_and_sample_images(tmp_path):
     for tag in ("FashionMNIST_validation", "MNIST_validation"):
         want |= {f"val/{tag}/elbo", f"val/{tag}/bpd", f"val/{tag}/llr1", f"val/{tag}/llr2"}
     want |= {f"val/active_units/layer{i}" for i in (1, 2, 3)}
-    want |= {"val/auroc/MNIST_validation/neg_elbo", "val/auroc/MNIST_validation/llr1",
+    want |= {"val/auroc/MNIST_validation/nll", "val/auroc/MNIST_validation/llr1",
              "val/auroc/MNIST_validation/llr2"}     # the AUROC of LLR>k for every k, as the paper's training script
     assert want <= scalars, f"missing: {sorted(want - scalars)}"
     for tag in want:
@@ -217,6 +218,21 @@ def test_the_command_that_started_a_run_resumes_it(started_run):
         assert resolve_config(args).to_dict() == stored
     changed = resolve_config(_train_args(run_dir, *sets, "--set", "train.lr=0.01", "--max-steps", "7"))
     assert (changed.train.lr, changed.train.max_steps) == (0.01, 7)
+
+
+def test_a_run_started_with_the_removed_data_num_workers_resumes_with_a_future_warning(started_run):
+    from hvae_dist.checkpoint import SCHEMA_VERSION
+    from hvae_dist.train.cli import resolve_config
+    from hvae_dist.train.preflight import check_resume
+    run_dir, sets = started_run
+    stored = json.loads((run_dir / "config.json").read_text())
+    old = {**stored, "data": {**stored["data"], "num_workers": 2}}      # config.json of an older version
+    (run_dir / "config.json").write_text(json.dumps(old))
+    with pytest.warns(FutureWarning, match="data.num_workers"):
+        cfg = resolve_config(_train_args(run_dir, *sets, "--set", "data.num_workers=4"))
+    assert cfg.to_dict() == stored and "num_workers" not in cfg.data.__dict__
+    state = {"schema_version": SCHEMA_VERSION, "config": old}      # an old checkpoint's config fits the run
+    check_resume(state, cfg, run_dir)
 
 
 def test_resume_with_changed_model_config_raises_config_error(started_run, capsys):

@@ -1,5 +1,6 @@
-"""Training backends behind one interface (`base.Backend`): `ddp.TorchBackend` (single process or DDP)
-and `deepspeed.DeepSpeedBackend` (ZeRO 0-2). DeepSpeed is imported only when a run asks for it.
+"""Training backends behind one interface (`base.Backend`): `single.SingleBackend` (one process),
+`ddp.DDPBackend` (DistributedDataParallel) and `deepspeed.DeepSpeedBackend` (ZeRO 0-2). DeepSpeed is
+imported only when a run asks for it.
 """
 from __future__ import annotations
 
@@ -22,5 +23,11 @@ def make_backend(model: nn.Module, cfg: TrainConfig, world: World, device: torch
             raise ValueError("make_backend: train.backend='deepspeed' needs the run's deepspeed_config "
                              "(hvae_dist.train.preflight.check_run builds it)")
         return DeepSpeedBackend(model, cfg, world, device, deepspeed_config)
-    from hvae_dist.train.backends.ddp import TorchBackend
-    return TorchBackend(model, cfg, world, device)
+    if cfg.backend == "ddp":
+        from hvae_dist.train.backends.ddp import DDPBackend
+        return DDPBackend(model, cfg, world, device)
+    if world.distributed:
+        raise ValueError(f"make_backend: train.backend='single' with {world.world_size} ranks "
+                         "(hvae_dist.train.preflight.check_run refuses this before any work)")
+    from hvae_dist.train.backends.single import SingleBackend
+    return SingleBackend(model, cfg, world, device)

@@ -11,7 +11,7 @@ The engine only calls `forward_module`, `autocast()`, `set_lr(lr)`, `micro_batch
 
 and the backend makes the accumulated gradient the mean over all the update's examples (it divides each
 micro-batch's loss by accumulation_steps); `step(loss)` is the update of a single micro-batch.
-`raw_model` is always the unwrapped `HierarchicalVAE`, whose state_dict is what checkpoints store.
+`raw_model` is always the unwrapped `HierarchicalModel` (VAE, LVAE or BIVA), whose state_dict is what checkpoints store.
 """
 from __future__ import annotations
 

@@ -173,7 +173,7 @@ def _plain(obj: Any) -> Any:
 
 
 class DeepSpeedBackend(Backend):
-    """`forward_module` is the DeepSpeed engine; `raw_model` the HierarchicalVAE it wraps."""
+    """`forward_module` is the DeepSpeed engine; `raw_model` the HierarchicalModel it wraps."""
 
     def __init__(self, model: nn.Module, cfg: TrainConfig, world: World, device: torch.device, ds_config: dict):
         """`ds_config`: the run's DeepSpeed config, built and checked once before any work
