@@ -11,12 +11,12 @@ direction() {   # IN OOD
   # --max-steps 600 reaches about the same point (579 / 569 steps here)
   hvae train --config tiny --run-dir "$run" --max-steps 600 --set data.dataset="$1" --set "data.val_datasets=[]" \
       --set train.eval_every=0 --set train.log_every=100
-  hvae score --run-dir "$run" --datasets "$1:test" "$2:test" "$1:validation" --max-examples 200 --iw-samples 16 \
+  hvae score --run-dir "$run" --datasets "$1:test" "$2:test" "$1:validation" --first 200 --iw-samples 16 \
       --ks 1 2 --lid --lid-ks 1 2 --lid-scales 0.1 1 --batch-size 20 --out "$out" --no-progress
   hvae merge "$out"
   hvae analyze "$out/scores.h5" --in-dist "$1:test" --out "$work/analysis/$1"
   # all latents (k = 0): the full 808-column Jacobian, so 40 examples per set
-  hvae score --run-dir "$run" --datasets "$1:test" "$2:test" "$1:validation" --max-examples 40 --iw-samples 16 \
+  hvae score --run-dir "$run" --datasets "$1:test" "$2:test" "$1:validation" --first 40 --iw-samples 16 \
       --ks 1 2 --lid --lid-ks 0 1 --lid-scales 0.1 1 --batch-size 10 --out "$work/scores-k0/$1" --no-progress
   hvae merge "$work/scores-k0/$1"
   hvae analyze "$work/scores-k0/$1/scores.h5" --in-dist "$1:test" --out "$work/analysis-k0/$1"
