@@ -47,7 +47,7 @@ def build_html(result: Analysis, figures: dict[str, Any]) -> str:
     a = result.attrs
     facts = [("score file", str(result.score_file)), ("in-distribution (negatives)", result.in_group),
              ("OOD sets (positives)", ", ".join(result.ood_groups))]
-    facts += [(k, str(a[k])) for k in ("model_checkpoint", "model_step", "checkpoint_file", "iw_samples", "ks", "seed",
+    facts += [(k, str(a[k])) for k in ("model_checkpoint", "checkpoint_step", "checkpoint_file", "iw_samples", "ks", "seed",
                                        "created") if k in a]
     if result.background_file:
         facts.append(("background score file", str(result.background_file)))
@@ -58,7 +58,7 @@ def build_html(result: Analysis, figures: dict[str, Any]) -> str:
     return ("<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\">"
             f"<title>OOD metrics: {e(result.in_group)}</title><style>{_CSS}</style></head><body>"
             f"<h1>OOD metrics: {e(result.in_group)} vs {e(', '.join(result.ood_groups))}"
-            + (f" (checkpoint step {int(a['model_step'])})" if "model_step" in a else "") + "</h1>"
+            + (f" (checkpoint step {int(a['checkpoint_step'])})" if "checkpoint_step" in a else "") + "</h1>"
             "<table>" + "".join(f"<tr><th>{e(k)}</th><td>{e(v)}</td></tr>" for k, v in facts) + "</table>"
             "<h2>Metrics</h2><p>Negatives (label 0): in-distribution; positives (label 1): OOD; FPR80 = the false "
             "positive rate at a true positive rate of at least 0.8. Bold: the best AUROC per OOD set.</p>"

@@ -98,11 +98,11 @@ def format_markdown(result: Analysis) -> str:
              f"- score file: `{result.score_file}`"]
     if result.background_file:
         lines.append(f"- background score file: `{result.background_file}`")
-    for key in ("model_checkpoint", "model_step", "iw_samples", "ks", "seed", "created"):
+    for key in ("model_checkpoint", "checkpoint_step", "iw_samples", "ks", "seed", "created"):
         if key in a:
             lines.append(f"- {key}: {a[key]}")
     if a.get("checkpoint_file"):
-        lines.append(f"- checkpoint_file: {a['checkpoint_file']} (the numbered checkpoint of model_step)")
+        lines.append(f"- checkpoint_file: {a['checkpoint_file']} (the numbered checkpoint file of that step)")
     lines += ["- negatives (label 0): in-distribution; positives (label 1): OOD; FPR80 = FPR at TPR >= 0.8", "",
               "| OOD | score | AUROC | AUPRC | FPR80 | n in-dist | n OOD |", "|---|---|---:|---:|---:|---:|---:|"]
     for r in result.rows:
@@ -150,8 +150,8 @@ def write_tables(result: Analysis, out: Path) -> list[Path]:
     # Group names come from the score file: neutralised. Our labels (-ELBO, LLR>1) are written as they are.
     w.writerows({**r, "in_dist": _csv_text(r["in_dist"]), "ood": _csv_text(r["ood"])} for r in result.rows)
     write_text_atomic(csv_path, table.getvalue())
-    meta = {k: result.attrs[k] for k in ("model_checkpoint", "model_sha256", "model_step", "iw_samples", "ks", "seed", "created",
-                                         "format_version", "package_version", "checkpoint_file",
+    meta = {k: result.attrs[k] for k in ("model_checkpoint", "model_sha256", "checkpoint_step", "iw_samples", "ks", "seed",
+                                         "created", "format_version", "package_version", "checkpoint_file",
                                          "row_selection") if k in result.attrs}
     doc = {"score_file": str(result.score_file), "in_dist": result.in_group, "ood": result.ood_groups,
            "background_file": str(result.background_file) if result.background_file else None,
@@ -164,10 +164,10 @@ def write_tables(result: Analysis, out: Path) -> list[Path]:
 
 
 def checkpoint_step(attrs: dict[str, Any]) -> int | None:
-    """The training step of the checkpoint a score file was made with: its `model_step` attribute (score files
+    """The training step of the checkpoint a score file was made with: its `checkpoint_step` attribute (score files
     since issue 24), else the step stored in its `model_checkpoint` file when that file is still there, else None."""
-    if "model_step" in attrs:
-        return int(attrs["model_step"])
+    if "checkpoint_step" in attrs:
+        return int(attrs["checkpoint_step"])
     path = attrs.get("model_checkpoint")
     if path and Path(path).is_file():
         from hvae_dist.checkpoint import load_checkpoint

@@ -12,7 +12,7 @@ has attributes `source` (the full path, with #KEY) and `source_sha256` (its cont
 position in the source split (a random subset is sparse; `source_sizes` gives the split's rows).
 
 Root attributes: `IDENTITY_ATTRS` (the settings a resumed shard and a merge must agree on; `precision` is the
-network's, was `dtype` before issue 24 and is still read) plus model_checkpoint, model_step, package_version,
+network's, was `dtype` before issue 24 and is still read) plus model_checkpoint, checkpoint_step, package_version,
 config, created, shard / num_shards in shard files and merged_shards in scores.h5. JSON_ATTRS are stored as
 JSON strings and read back parsed. Every dataset has `units` and `description` attributes (`FIELD_DOCS`).
 
@@ -49,7 +49,7 @@ LID_FIELDS = ("lid", "lid_lin")
 """With --lid (attribute `lid`: scales, ks, rank, ...; `hvae_dist.estimators.lid`): (N, len(ks), len(scales))."""
 PROVENANCE_ATTRS = ("checkpoint_file", "source_sizes", "source_sha256", "row_selection")
 """Root attributes of issue 21 (absent in older files, which stay readable): the numbered checkpoint file of
-the scored checkpoint's step (`model_step`, issue 24; latest.pt is rewritten by more training), the rows of
+the scored checkpoint's step (`checkpoint_step`; latest.pt is rewritten by more training), the rows of
 each source split (`index` is a position in it), each file dataset's content hash, and how the rows were chosen."""
 LABEL_UNKNOWN = -1
 """The `label` of a row whose class is unknown (per-row `label` int64; folders also store `path`)."""
@@ -70,6 +70,8 @@ FIELD_DOCS: dict[str, tuple[str, str]] = {
                           "delta of lid.scales (axis 2)"),
     "lid_lin": ("dimensions", "sum s^2 / (s^2 + delta^2) over the singular values s of d(decoder mean)/d(z>k), per k "
                               "of attr lid.ks (axis 1) and delta of lid.scales (axis 2)"),
+    "label": ("class", "the row's class label as its source gives it, -1 where unknown"),
+    "path": ("path", "an image folder's row: the image's path relative to the folder (UTF-8 bytes)"),
 }
 """Per dataset of a score-file group: (units, description), stored as the dataset's `units` and `description`
 attributes (`describe`); the names of the values are those of `hvae_dist.estimators.names`."""

@@ -186,7 +186,7 @@ def run_score_job(job: ScoreJob) -> Path:
     sha = file_sha256(ckpt_path)
     attrs = {
         "format_version": FORMAT_VERSION, "model_checkpoint": str(Path(ckpt_path).resolve()),
-        "model_sha256": sha, "model_step": step, "iw_samples": settings.iw_samples,
+        "model_sha256": sha, "checkpoint_step": step, "iw_samples": settings.iw_samples,
         "iw_samples_lk": settings.iw_samples_lk, "ks": settings.ks, "seed": settings.seed,
         PRECISION_ATTR: settings.precision, "ema": bool(job.use_ema), "binarize": settings.binarize,
         "num_layers": model.num_layers, "datasets": groups, "dataset_sizes": plan.sizes,

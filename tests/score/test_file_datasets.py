@@ -121,14 +121,14 @@ def test_file_scores_equal_registry_scores_bitwise_and_store_provenance(run_dir,
         assert f["pngs/all"]["path"].fletcher32
         assert len(f["fm.h5#data.images/all"].attrs["source_sha256"]) == 64
     attrs = got.attrs
-    assert attrs["model_step"] == 1 and attrs["checkpoint_file"] == "step-1.pt"
+    assert attrs["checkpoint_step"] == 1 and attrs["checkpoint_file"] == "step-1.pt"
     assert attrs["source_sizes"]["pngs/all"] == N
     assert hvae(["merge", str(tmp_path / "file")]) == 0
     merged = read_groups(tmp_path / "file" / "scores.h5")
     assert merged.groups["pngs/all"]["path"].tolist() == pngs["path"].tolist()
     assert hvae(["analyze", str(tmp_path / "file" / "scores.h5"), "--in-dist", f"{files}/pngs", "--no-plots"]) == 0
     report = (tmp_path / "file" / "analysis" / "metrics.md").read_text()
-    assert "- model_step: 1" in report and "- checkpoint_file: step-1.pt" in report
+    assert "- checkpoint_step: 1" in report and "- checkpoint_file: step-1.pt" in report
     logged = [json.loads(x) for x in (run_dir / "score-files.jsonl").read_text().splitlines()]
     assert any(e["checkpoint_file"] == "step-1.pt" for e in logged)
 

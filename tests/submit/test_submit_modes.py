@@ -72,7 +72,7 @@ def test_local_runs_the_pipeline_chain_through_submitits_local_executor(tmp_path
     for stage in ("local train done", "local score done: 2 job(s)", "local merge done"):
         assert stage in out, out
     with h5py.File(run / "scores" / "scores.h5") as f:
-        assert f.attrs["merged_shards"] == 2 and int(f.attrs["model_step"]) == 2
+        assert f.attrs["merged_shards"] == 2 and int(f.attrs["checkpoint_step"]) == 2
         assert f["MNIST/test/elbo"].shape == (6,)
     assert (run / "scores" / "analysis" / "report.html").exists()
     assert list((run / "slurm").glob("*/*_log.out"))                                 # submitit's job logs
