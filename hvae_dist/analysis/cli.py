@@ -40,7 +40,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "with, from the score file; 0 when it is unknown)")
     parser.add_argument("--scores", nargs="+", metavar="SCORE", default=None,
                         help="only these scores: ids (nll, lk1, llr2, complexity_png, background, typicality) or "
-                             "families (nll lk llr complexity background typicality); default: all available")
+                             "families (nll lk llr complexity background typicality lid lidlin dual); default: all available")
     parser.add_argument("--no-plots", action="store_true", help="skip the PNG figures")
     parser.add_argument("--bootstrap", type=int, default=1000, metavar="R",
                         help="95%% percentile-bootstrap intervals of every metric from R resamples of the in-dist and "

@@ -16,6 +16,12 @@ Sign convention: every score is oriented so that HIGHER = MORE OOD (all values i
 | `complexity_<m>` | `-ELBO-C_<m>`   | -elbo - complexity_<m> (m = png or zlib, when stored)    | Serra et al. 2020     |
 | `background`     | `-ELBO+ELBO_bg` | -(elbo - elbo_bg), background rows joined on `index`     | Ren et al. 2019       |
 | `typicality`     | `|NLL-mean|`    | abs(-elbo - mean(-elbo over NAME/validation or /train))  | Nalisnick et al. 2019 |
+| `lid<k>@<d>`     | `-LID(d)`       | -lid[:, k, d] (threshold count, with `hvae score --lid`) | Kamkari et al. 2024   |
+| `lidlin<k>@<d>`  | `-LIDlin(d)`    | -lid_lin[:, k, d] (linearised LID)                       | Kamkari et al. 2024   |
+| `dual<k>@<d>`    | `dual(d)`       | max(z(-elbo), z(-lid_lin)): the dual threshold           | Kamkari et al. 2024   |
+
+The LID scores and the dual threshold: `hvae_dist.analysis.dual_threshold` (what is followed, where it
+differs; the dual rows also carry `auroc_envelope`, Kamkari et al.'s envelope AUROC, in metrics.json).
 
 Why LLR>k keeps its stored sign: L>k decodes the k lowest latents from the conditional prior, so it
 credits x only with what the upper (semantic) latents explain. In-distribution data keep most of their
@@ -46,6 +52,7 @@ from typing import Any
 
 import numpy as np
 
+from hvae_dist.analysis import dual_threshold as dual
 from hvae_dist.analysis.baselines import prepare as prepare_baselines
 from hvae_dist.analysis.intervals import bootstrap_metrics
 from hvae_dist.data import group_name
@@ -55,8 +62,8 @@ from hvae_dist.estimators.complexity import METHODS as COMPLEXITY_METHODS
 from hvae_dist.estimators.detection import compute_metrics
 from hvae_dist.score.reader import read_scores
 
-SCORE_FAMILIES = ("nll", "lk", "llr", "complexity", "background", "typicality", "likelihood_regret", "gradients", "dose",
-                  "waic")
+SCORE_FAMILIES = ("nll", "lk", "llr", "complexity", "background", "typicality", *dual.LID_FAMILIES, "likelihood_regret",
+                  "gradients", "dose", "waic")
 
 
 # ------------------------------------------------------------------------------------------------ scores
@@ -70,8 +77,9 @@ class ScoreSpec:
     meaning: str
 
 
-def score_specs(ks: list[int], extra_keys: set[str], background: bool, typicality_ref: str | None) -> list[ScoreSpec]:
-    """The scores available for a file with these ks and extra datasets, in table order."""
+def score_specs(ks: list[int], extra_keys: set[str], background: bool, typicality_ref: str | None,
+                lid_attr: dict | None = None) -> list[ScoreSpec]:
+    """The scores available for a file with these ks and extra datasets (and `lid` attribute), in table order."""
     specs = [ScoreSpec(names.NLL, "-ELBO", "nll", "-elbo: negative log-likelihood bound, nats (same ranking as bpd)")]
     specs += [ScoreSpec(names.lk(k), f"-L>{k}", "lk", f"-lk[k={k}]: negative L>{k} bound, nats") for k in ks]
     specs += [ScoreSpec(names.llr(k), f"LLR>{k}", "llr", f"llr[k={k}] = elbo - L>{k}, as stored") for k in ks]
@@ -84,7 +92,15 @@ def score_specs(ks: list[int], extra_keys: set[str], background: bool, typicalit
     if typicality_ref:
         specs.append(ScoreSpec("typicality", "|NLL-mean|", "typicality",
                                f"|-elbo - mean(-elbo on {typicality_ref})| (Nalisnick et al.)"))
+    if "lid" in extra_keys and "lid_lin" in extra_keys:
+        specs += [ScoreSpec(f"{fam}{suffix}", dual.lid_label(fam, k, d), fam, dual.lid_meaning(fam, k, d))
+                  for fam in dual.LID_FAMILIES for suffix, _, _, k, d in dual.lid_columns(lid_attr)]
     return specs
+
+
+def _lid_column_of(spec: ScoreSpec, lid_attr: dict | None) -> tuple[int, int]:
+    """(j, s): the lid k and scale columns of a LID-family spec."""
+    return next((j, s) for suffix, j, s, _, _ in dual.lid_columns(lid_attr) if spec.id == spec.family + suffix)
 
 
 def select_specs(specs: list[ScoreSpec], wanted: list[str] | None) -> list[ScoreSpec]:
@@ -122,8 +138,10 @@ def _join_background(fg: dict[str, np.ndarray], bg: dict[str, np.ndarray], group
 
 
 def compute_scores(data: dict[str, np.ndarray], specs: list[ScoreSpec], ks: list[int],
-                   bg_elbo: np.ndarray | None, typical_nll: float | None) -> dict[str, np.ndarray]:
-    """Score id -> (N,) float64 array, higher = more OOD, for one group."""
+                   bg_elbo: np.ndarray | None, typical_nll: float | None, lid_attr: dict | None = None,
+                   dual_ref: dict | None = None) -> dict[str, np.ndarray]:
+    """Score id -> (N,) float64 array, higher = more OOD, for one group. `dual_ref`: score id of a dual spec ->
+    ((mean, std) of -elbo, (mean, std) of lid_lin) on the in-dist reference rows (`dual_reference`)."""
     nll = -data["elbo"].astype(np.float64)
     out: dict[str, np.ndarray] = {}
     for s in specs:
@@ -139,7 +157,18 @@ def compute_scores(data: dict[str, np.ndarray], specs: list[ScoreSpec], ks: list
             out[s.id] = nll + bg_elbo
         elif s.id == "typicality":
             out[s.id] = np.abs(nll - typical_nll)
+        elif s.family in ("lid", "lidlin"):
+            out[s.id] = -dual.column(data, s.family, *_lid_column_of(s, lid_attr))
+        elif s.family == "dual":
+            out[s.id] = dual.dual_score(nll, dual.column(data, s.family, *_lid_column_of(s, lid_attr)), *dual_ref[s.id])
     return out
+
+
+def dual_reference(data: dict[str, np.ndarray], specs: list[ScoreSpec], lid_attr: dict | None) -> dict:
+    """For each dual spec: ((mean, std) of -elbo, (mean, std) of its lid_lin column) over a reference group's rows."""
+    nll = dual.standardiser(-data["elbo"])
+    return {s.id: (nll, dual.standardiser(dual.column(data, s.family, *_lid_column_of(s, lid_attr))))
+            for s in specs if s.family == "dual"}
 
 
 # ------------------------------------------------------------------------------------- checks of the file
@@ -213,6 +242,10 @@ def fields_needed(specs: list[ScoreSpec], figures: bool) -> list[str]:
             need.add(s.family)
         elif s.family == "complexity":
             need.add(s.id)
+        elif s.family in dual.LID_FAMILIES:
+            need.add(dual.FIELD_OF[s.family])
+    if figures and any(s.family in dual.LID_FAMILIES for s in specs):
+        need |= {"lid_lin"}
     if figures:
         need |= {"llr", "kl"}
     return sorted(need)
@@ -266,8 +299,9 @@ def run_analysis(score_file: str | Path, in_dist: str, background: str | Path | 
             raise ScoreFileError(f"{bg_path}: background file lacks group(s) {', '.join(lacking)}; "
                                  f"it has: {', '.join(bg_names)}")
     extra = set.intersection(*(set(names[g]) for g in used))
+    lid_attr = attrs.get("lid")
     base = prepare_baselines(path, names, used, in_group, ScoreSpec, dose, ensemble)
-    specs = select_specs(score_specs(attrs["ks"], extra, bg_path is not None, ref) + base.specs, scores)
+    specs = select_specs(score_specs(attrs["ks"], extra, bg_path is not None, ref, lid_attr) + base.specs, scores)
     base.specs = [s for s in base.specs if s in specs]
     typical = None
     if any(s.id == "typicality" for s in specs):
@@ -275,36 +309,50 @@ def run_analysis(score_file: str | Path, in_dist: str, background: str | Path | 
         if not math.isfinite(typical):
             raise ScoreFileError(f"{path}: mean -elbo of typicality reference '{ref}' is not finite")
     fields = sorted(set(fields_needed(specs, figures)) | (base.fields if base.specs else set()))
+    dual_ref, dual_ref_group = None, None
+    if any(s.family == "dual" for s in specs):
+        # the in-dist validation / train split when the file has it (with LID fields), else the in-dist group
+        dual_ref_group = ref if ref is not None and {"lid_lin", "elbo"} <= set(names[ref]) else in_group
+        ref_data = read_scores(path, fields={dual_ref_group: ["elbo", "lid_lin"]}).groups[dual_ref_group]
+        dual_ref = dual_reference(ref_data, specs, lid_attr)
 
-    def load(g: str) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-        """Group g's scores (every row) and the drawn rows of its raw datasets."""
+    def load(g: str) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], tuple | None]:
+        """Group g's scores (every row), the drawn rows of its raw datasets, and (with dual scores) its -elbo and
+        lid_lin (every row, for the envelope AUROC)."""
         data = read_scores(path, fields={g: fields}).groups[g]
         _check_complete(path, g, data, attrs)
         bg_elbo = None
         if bg_path is not None:
             bg_elbo = _join_background(data, read_scores(bg_path, fields={g: ["elbo"]}).groups[g], g, bg_path)
-        values = compute_scores(data, specs, attrs["ks"], bg_elbo, typical)
+        values = compute_scores(data, specs, attrs["ks"], bg_elbo, typical, lid_attr, dual_ref)
         values.update(base.scores(g, data))
         for s in specs:
             _check_finite(values[s.id], g, s, bg_path if s.id == "background" else path)
         rows = draw_rows(data["index"].size)
-        drawn = {k: data[k][rows] for k in ("index", "elbo", "llr", "kl") if figures and data.get(k) is not None}
-        return values, drawn
+        drawn = {k: data[k][rows] for k in ("index", "elbo", "llr", "kl", "lid_lin")
+                 if figures and data.get(k) is not None}
+        aux = (-data["elbo"], data["lid_lin"]) if dual_ref is not None else None
+        return values, drawn, aux
 
-    in_values, in_drawn = load(in_group)
+    in_values, in_drawn, in_aux = load(in_group)
     drawn_values = {in_group: {k: v[draw_rows(v.size)] for k, v in in_values.items()}} if figures else {}
     drawn_groups = {in_group: in_drawn} if figures else {}
     rows = []
     for g in ood_groups:
-        values, drawn = load(g)
+        values, drawn, aux = load(g)
         for s in specs:
             m = compute_metrics(in_values[s.id], values[s.id])
             if bootstrap:
                 ci = bootstrap_metrics(in_values[s.id], values[s.id], bootstrap, bootstrap_seed)
                 m.update({f"{k}_{end}": v for k, (lo, hi) in ci.items() for end, v in (("lo", lo), ("hi", hi))})
-            rows.append({"in_dist": in_group, "ood": g, "score": s.id, "label": s.label, **m,
-                         "n_in": int(in_values[s.id].size), "n_ood": int(values[s.id].size),
-                         "orientation": s.meaning + "; higher = more OOD"})
+            row = {"in_dist": in_group, "ood": g, "score": s.id, "label": s.label, **m,
+                   "n_in": int(in_values[s.id].size), "n_ood": int(values[s.id].size),
+                   "orientation": s.meaning + "; higher = more OOD"}
+            if s.family == "dual":
+                j, c = _lid_column_of(s, lid_attr)
+                row["auroc_envelope"] = dual.envelope_auroc(in_aux[0], in_aux[1][:, j, c], aux[0], aux[1][:, j, c])
+                row["reference"] = dual_ref_group
+            rows.append(row)
         if figures:
             drawn_values[g] = {k: v[draw_rows(v.size)] for k, v in values.items()}
             drawn_groups[g] = drawn

@@ -9,6 +9,8 @@ display needed). Files written to the output dir:
 - `scatter_<OOD>.png`: ELBO against LLR>k per example, in-dist vs that OOD set, one panel per k.
 - `kl_layers.png`: the KL of each latent layer, in-dist vs every OOD set, one panel per layer.
 - `auroc_by_k.png`: the AUROC of LLR>k as a function of k, a line per OOD set.
+- `lid_scatter.png` (with `hvae score --lid`): log-likelihood (ELBO) against the linearised LID per example,
+  every group, one panel per stored (lid k, scale) (Kamkari et al. 2024, their likelihood-LID scatter).
 
 Group names such as "MNIST/test" become "MNIST_test" in file names. Figures draw the rows of
 `Analysis.values` / `Analysis.groups`: every row up to 100,000 per group, else a seeded uniform subsample of
@@ -180,6 +182,24 @@ def scatter_figure(result: Analysis, ood: str) -> Figure:
     return fig
 
 
+def lid_scatter_figure(result: Analysis) -> Figure:
+    """ELBO (x, nats) against LID_lin (y) per example, a colour per group, one panel per (lid k, scale)."""
+    from hvae_dist.analysis.dual_threshold import lid_columns
+
+    columns = lid_columns(result.attrs.get("lid"))
+    fig, axes = _new_figure(max(1, len(columns)), width=4.0, height=3.6)
+    groups = [result.in_group, *result.ood_groups]
+    for ax, (_, j, s, k, delta) in zip(axes, columns):
+        for i, g in enumerate(groups):
+            d = result.groups[g]
+            ax.scatter(d["elbo"], d["lid_lin"][:, j, s], s=5, alpha=0.5, color=f"C{i}", label=g, linewidths=0)
+        z = "all latents" if k == 0 else f"z>{k}"
+        ax.set(xlabel="log-likelihood: ELBO (nats)", ylabel=f"LID_lin (delta={delta:g})", title=f"LID of d mean / d {z}")
+        ax.legend(fontsize=7, markerscale=3)
+    fig.suptitle("likelihood vs local intrinsic dimension (OOD: high likelihood, low LID)", fontsize=9)
+    return fig
+
+
 def make_figures(result: Analysis) -> dict[str, Figure]:
     """name (file stem) -> figure: per OOD group its ROC curves, histograms and ELBO-LLR scatter; the
     all-groups histogram, the KL per layer and the AUROC of LLR>k against k."""
@@ -194,6 +214,8 @@ def make_figures(result: Analysis) -> dict[str, Figure]:
     figures["kl_layers"] = kl_figure(result)
     if result.attrs["ks"] and any(s.family == "llr" for s in result.specs):
         figures["auroc_by_k"] = auroc_by_k_figure(result)
+    if result.attrs.get("lid") and all("lid_lin" in d for d in result.groups.values()):
+        figures["lid_scatter"] = lid_scatter_figure(result)
     return figures
 
 

@@ -19,7 +19,7 @@ from hvae_dist.estimators.detection import METRICS
 from hvae_dist.files import require_folder, staged_folder, with_path, write_bytes_atomic, write_text_atomic
 
 REPORT_FILES = ("metrics.md", "metrics.csv", "metrics.json", "report.html")
-FIGURE_PREFIXES = ("roc_", "hist_", "scatter_", "kl_layers", "auroc_by_k")
+FIGURE_PREFIXES = ("roc_", "hist_", "scatter_", "kl_layers", "auroc_by_k", "lid_scatter")
 
 
 def is_report_file(name: str) -> bool:

@@ -54,8 +54,18 @@ __all__ = [
     "bound_stream",
     "dataset_key",
     "example_keys",
+    "lid_stream",
     "mix64",
     "mix64_int",
     "normal_noise",
     "uniform_noise",
 ]
+
+
+LID_STREAM_BASE = 1 << 20
+"""Streams from here on: the probe vectors of the randomized LID spectrum (`lid_stream`), apart from the bounds'."""
+
+
+def lid_stream(k: int) -> int:
+    """Stream id of the randomized-SVD probes of the LID Jacobian with respect to z>k."""
+    return LID_STREAM_BASE + int(k)

@@ -1,7 +1,8 @@
 """The models: `hvae` (VAE / LVAE stage stacks), `biva` (bidirectional inference), and what they share
 (`common`: decode modes, ModelOutput, the stage stack). Every model type derives from the one type
 `HierarchicalModel` (`common`) and has its interface: num_layers, latent_shapes, input_shape,
-precompute(x, modes), forward(x, modes, noise, precomputed), sample_prior(n), reconstruct(x)."""
+precompute(x, modes), forward(x, modes, noise, precomputed), sample_prior(n), reconstruct(x),
+decode(zs, k) (the generative path from given latents)."""
 from __future__ import annotations
 
 from collections.abc import Sequence

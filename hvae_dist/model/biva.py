@@ -192,6 +192,7 @@ class BIVA(HierarchicalModel):
         kl = pre.x.new_zeros(batch, self.num_layers, dtype=torch.float32)
         kl_dims: list[Tensor] = [None] * self.num_layers  # type: ignore[list-item]
         means: list[Tensor] = [None] * self.num_layers    # type: ignore[list-item]
+        zs: list[Tensor] = [None] * self.num_layers       # type: ignore[list-item]
         q = self.top.q(_cat(b_top, pre.h[top]))
         means[top] = q.loc.flatten(1)
         if modes[top] == PRIOR_MODE:
@@ -200,6 +201,7 @@ class BIVA(HierarchicalModel):
             z = q.rsample(draw(top, q.loc))
             kl_dims[top] = (q.log_prob(z) - DiagonalGaussian.standard_log_prob(z)).flatten(1)
             kl[:, top] = kl_dims[top].sum(1)
+        zs[top] = z
         u = self.top.down(z)
         for i in reversed(range(top)):
             t = self.decoders[i + 1](u)
@@ -214,10 +216,31 @@ class BIVA(HierarchicalModel):
                 kl_dims[i] = torch.cat([(q_bu[i].log_prob(zb) - p_bu.log_prob(zb)).flatten(1),
                                         (q_td.log_prob(zt) - p_td.log_prob(zt)).flatten(1)], dim=1)
                 kl[:, i] = kl_dims[i].sum(1)
+            zs[i] = torch.stack([zb.float(), zt.float()], dim=1)              # B, 2, *event
             u = t + self.lat_bu[i].down(zb.to(t.dtype)) + self.lat_td[i].down(zt.to(t.dtype))
         params = self.likelihood(self.decoders[0](u))
         log_px = self.likelihood.log_prob(pre.x, params)
-        return ModelOutput(log_px=log_px, kl=kl, kl_dims=kl_dims, posterior_means=means, params=params)
+        return ModelOutput(log_px=log_px, kl=kl, kl_dims=kl_dims, posterior_means=means, params=params, zs=zs)
+
+    def decode(self, zs: Sequence[Tensor | None], k: int = 0) -> Tensor:
+        """The generative path alone: likelihood parameters (B, P, H, W) from the latents of layers k+1..S.
+
+        zs: per layer (B, *latent_shapes[i]) ((B, 2, *event) for i < S: [:, 0] z^BU, [:, 1] z^TD); layers 1..k
+        (index < k, may be None) decode both latents from their conditional-prior means, as in L>k; k in 0..S-1.
+        With the `zs` of a forward pass under `lk_modes(k, S)` this gives that pass's `params`.
+        """
+        top = self.num_layers - 1
+        if not 0 <= k <= top:
+            raise ValueError(f"k={k} must be in 0..{top} (the top layer is always decoded from zs)")
+        u = self.top.down(zs[top])
+        for i in reversed(range(top)):
+            t = self.decoders[i + 1](u)
+            if i >= k:
+                zb, zt = zs[i][:, 0], zs[i][:, 1]
+            else:
+                zb, zt = self.lat_bu[i].p(t).loc, self.lat_td[i].p(t).loc
+            u = t + self.lat_bu[i].down(zb.to(t.dtype)) + self.lat_td[i].down(zt.to(t.dtype))
+        return self.likelihood(self.decoders[0](u))
 
     @torch.no_grad()
     def sample_prior(self, n: int, device: torch.device | str = "cpu", generator: torch.Generator | None = None,

@@ -32,6 +32,7 @@ class ModelOutput:
     kl_dims: list[Tensor]          # per layer (B, D_i) elementwise KL terms, for free nats
     posterior_means: list[Tensor]  # per layer (B, D_i), for active-unit statistics
     params: Tensor                 # (B, P, H, W) likelihood parameters
+    zs: list[Tensor] | None = None  # per layer (B, *latent_shapes[i]) the z the generative path used (`decode`)
 
     @property
     def elbo(self) -> Tensor:
@@ -80,6 +81,11 @@ class HierarchicalModel(nn.Module):
 
     def reconstruct(self, x: Tensor) -> Tensor:
         """Likelihood mean of p(x | z ~ q(z|x)): (B, C, H, W) in [0, 1]."""
+        raise NotImplementedError
+
+    def decode(self, zs: Sequence[Tensor | None], k: int = 0) -> Tensor:
+        """Likelihood parameters (B, P, H, W) from the latents zs[k:] of layers k+1..L (`ModelOutput.zs` layout),
+        layers 1..k from their conditional-prior mode as in L>k; differentiable in zs (estimators.lid)."""
         raise NotImplementedError
 
 

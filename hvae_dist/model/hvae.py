@@ -157,6 +157,7 @@ class HierarchicalVAE(HierarchicalModel):
 
         kl = pre.x.new_zeros(batch, self.num_layers, dtype=torch.float32)
         kl_dims: list[Tensor] = [None] * self.num_layers  # type: ignore[list-item]
+        zs: list[Tensor] = [None] * self.num_layers       # type: ignore[list-item]
         u: Tensor | None = None
         for i in reversed(range(self.num_layers)):
             lat = self.latents[i]
@@ -178,12 +179,35 @@ class HierarchicalVAE(HierarchicalModel):
                 z = z_post[i] if z_post[i] is not None else q.rsample(draw(i, q.loc))
                 kl_dims[i] = (q.log_prob(z) - p.log_prob(z)).flatten(1)  # B, D_i
                 kl[:, i] = kl_dims[i].sum(1)
+            zs[i] = z
             down = lat.down(z.to(t.dtype) if t is not None else z)
             u = down if t is None else t + down
         params = self.likelihood(self.decoders[0](u))
         log_px = self.likelihood.log_prob(pre.x, params)
         return ModelOutput(log_px=log_px, kl=kl, kl_dims=kl_dims,
-                           posterior_means=[q.loc.flatten(1) for q in q_list], params=params)
+                           posterior_means=[q.loc.flatten(1) for q in q_list], params=params, zs=zs)
+
+    def decode(self, zs: Sequence[Tensor | None], k: int = 0) -> Tensor:
+        """The generative path alone: likelihood parameters (B, P, H, W) from the latents of layers k+1..L.
+
+        zs: per layer (B, *latent_shapes[i]); entries of layers 1..k (index < k) are ignored (may be None): those
+        layers decode from their conditional-prior mode, as in L>k; k in 0..L-1 (the top is always given). With the
+        `zs` of a forward pass under `lk_modes(k, L)` this gives that pass's `params`. Differentiable in zs
+        (the per-example Jacobians of `hvae_dist.estimators.lid`).
+        """
+        if not 0 <= k < self.num_layers:
+            raise ValueError(f"k={k} must be in 0..{self.num_layers - 1} (the top layer is always decoded from zs)")
+        u: Tensor | None = None
+        for i in reversed(range(self.num_layers)):
+            lat = self.latents[i]
+            if i == self.num_layers - 1:
+                t, z = None, zs[i]
+            else:
+                t = self.decoders[i + 1](u)
+                z = zs[i] if i >= k else lat.p(t).loc
+            down = lat.down(z.to(t.dtype) if t is not None else z)
+            u = down if t is None else t + down
+        return self.likelihood(self.decoders[0](u))
 
     @torch.no_grad()
     def sample_prior(self, n: int, device: torch.device | str = "cpu", generator: torch.Generator | None = None,

@@ -123,6 +123,17 @@ def add_score_arguments(p, *, submit: str | None = None) -> None:
                    help="also store grad_norm: per-layer norms of each example's ELBO gradient (Bergamin et al. 2022)")
     p.add_argument("--grad-samples", type=int, default=1, metavar="M",
                    help="posterior samples whose mean ELBO_1 --gradients differentiates (default: 1)")
+    p.add_argument("--lid", action="store_true",
+                   help="also store lid / lid_lin (N, K, S): local intrinsic dimension of the decoder at each example "
+                        "(Kamkari et al. 2024; hvae_dist.estimators.lid); costs hundreds of IW samples per example")
+    p.add_argument("--lid-scales", nargs="+", type=float, default=None, metavar="DELTA",
+                   help="scales delta of the LID estimates, pixel units of the decoder mean (default: 0.1 1)")
+    p.add_argument("--lid-ks", nargs="+", type=int, default=None, metavar="K",
+                   help="Jacobians with respect to z>k, each k in 0..L-1 (default: 0 = all latents)")
+    p.add_argument("--lid-rank", type=int, default=None, metavar="R",
+                   help="top R singular values by randomized SVD instead of the full Jacobian (large models)")
+    p.add_argument("--lid-chunk", type=int, default=32, metavar="C",
+                   help="Jacobian columns per batched pass (memory: batch x C rows); does not change the values")
     p.add_argument("--device", default="auto",
                    help="auto (cuda:LOCAL_RANK when available, else cpu), cpu, cuda or cuda:N (refused when not here)")
     if submit is None:
@@ -149,12 +160,31 @@ def job_from_args(args: argparse.Namespace, *, run_dir: str | None = None, out: 
     gradients = GradientSettings(samples=args.grad_samples) if getattr(args, "gradients", False) else None
     settings = ScoreSettings(iw_samples=args.iw_samples, iw_samples_lk=args.iw_samples_lk, ks=_ks(args.ks),
                              seed=args.seed, precision=args.score_precision, sample_chunk=args.sample_chunk)
-    return ScoreJob(run_dir=run_dir or args.run_dir, datasets=list(args.datasets), out=out or args.out,
+    lid = _lid_settings(args)
+    return ScoreJob(lid=lid, run_dir=run_dir or args.run_dir, datasets=list(args.datasets), out=out or args.out,
                     settings=settings, checkpoint=getattr(args, "checkpoint", None), shard=shard,
                     num_shards=num_shards, max_examples=args.max_examples, batch_size=args.batch_size,
                     use_ema=not args.no_ema, complexity=args.complexity, device=args.device, progress=progress,
                     data_root=args.data_root, log_every=args.log_every, first=getattr(args, "first", None),
                     likelihood_regret=regret, gradients=gradients)
+
+
+def _lid_settings(args: argparse.Namespace):
+    """The LidSettings of --lid and its options (None without --lid; an --lid-* option alone is an error)."""
+    from hvae_dist.estimators.lid import LidSettings
+
+    given = [o for o, v in (("--lid-scales", args.lid_scales), ("--lid-ks", args.lid_ks), ("--lid-rank", args.lid_rank))
+             if v is not None]
+    if not args.lid:
+        if given:
+            raise ConfigError(f"{', '.join(given)} given without --lid: add --lid to store the LID fields")
+        return None
+    lid = LidSettings(chunk=args.lid_chunk, rank=args.lid_rank)
+    if args.lid_scales is not None:
+        lid.scales = list(args.lid_scales)
+    if args.lid_ks is not None:
+        lid.ks = list(args.lid_ks)
+    return lid
 
 
 def run_score(args: argparse.Namespace) -> int:

@@ -6,6 +6,7 @@ One group per dataset, named "<Name>/<split>" (e.g. "FashionMNIST/test"), N rows
     [complexity_png, complexity_zlib (N,) float64 with --complexity]    complete (N,) bool (shard files)
     [elbo_refit, likelihood_regret (N,) float64 with --likelihood-regret; grad_norm (N, G) float64 with
      --gradients: `BASELINE_FIELDS`, documented in score.baseline_fields]
+    [lid, lid_lin (N, K_lid, S_lid) float64 with --lid: LID counts / linearised LIDs per lid k and scale]
 
 Since issue 21 a group may also hold `label` (N,) int64 (the row's class, -1 unknown) and, for a folder
 of images, `path` (N,) fixed-length bytes (the image's path relative to the folder); a file dataset's group
@@ -40,13 +41,15 @@ FORMAT_VERSION = 2
 READABLE_FORMATS = (1, FORMAT_VERSION)
 CHUNK_ROWS = 1024
 IDENTITY_ATTRS = ("format_version", "model_sha256", "iw_samples", "iw_samples_lk", "ks", "seed", "precision", "ema",
-                  "binarize", "num_layers", "datasets", "dataset_sizes", "complexity", "source_sha256",
+                  "binarize", "num_layers", "datasets", "dataset_sizes", "complexity", "source_sha256", "lid",
                   "likelihood_regret", "gradients")
 SHARD_ATTRS = ("shard", "num_shards")
 VALUE_FIELDS = ("elbo", "elbo_1", "lk", "llr", "kl", "bpd")
 REQUIRED_FIELDS = ("index", *VALUE_FIELDS)
 JSON_ATTRS = ("config", "datasets", "dataset_sizes", "complexity", "source_sizes", "source_sha256", "row_selection",
-              "likelihood_regret", "gradients")
+              "lid", "likelihood_regret", "gradients")
+LID_FIELDS = ("lid", "lid_lin")
+"""With --lid (attribute `lid`: scales, ks, rank, ...; `hvae_dist.estimators.lid`): (N, len(ks), len(scales))."""
 BASELINE_FIELDS = ("elbo_refit", "likelihood_regret", "grad_norm")
 """Optional per-example fields of the baselines (`hvae score --likelihood-regret / --gradients`; score.baseline_fields)."""
 PROVENANCE_ATTRS = ("checkpoint_file", "source_sizes", "source_sha256", "row_selection")
@@ -68,6 +71,10 @@ FIELD_DOCS: dict[str, tuple[str, str]] = {
     "complete": ("flag", "true once the row's values are on disk (shard files; resume and merge read it)"),
     "complexity_png": ("nats", "PNG-compressed size of the image (Serra et al. 2020's complexity L(x))"),
     "complexity_zlib": ("nats", "zlib-compressed size of the image (a complexity L(x))"),
+    "lid": ("dimensions", "#singular values above delta of d(decoder mean)/d(z>k), per k of attr lid.ks (axis 1) and "
+                          "delta of lid.scales (axis 2)"),
+    "lid_lin": ("dimensions", "sum s^2 / (s^2 + delta^2) over the singular values s of d(decoder mean)/d(z>k), per k "
+                              "of attr lid.ks (axis 1) and delta of lid.scales (axis 2)"),
     "label": ("class", "the row's class label as its source gives it, -1 where unknown"),
     "path": ("path", "an image folder's row: the image's path relative to the folder (UTF-8 bytes)"),
     "elbo_refit": ("nats", "IW ELBO after Likelihood Regret's per-example encoder refit (the noise of elbo)"),

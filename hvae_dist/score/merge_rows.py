@@ -7,8 +7,8 @@ row indices are already written: 1.2 MiB for 10^7 rows). Row i of the merged gro
 
 Checks, in the order a shard is read: every row complete (the `complete` flags, before any value is
 read); per block, every index inside the job's plan 0..size-1 and not already written (no two shards, no
-two rows of one shard, hold the same index), every value of `VALUE_FIELDS`, `BASELINE_FIELDS` and `complexity_*` finite, and
-HDF5's Fletcher32 checksum of every chunk read; at the end, the group holds exactly `size` rows. Each
+two rows of one shard, hold the same index), every value of `VALUE_FIELDS`, `LID_FIELDS`, `BASELINE_FIELDS`
+and `complexity_*` finite, and HDF5's Fletcher32 checksum of every chunk read; at the end, the group holds exactly `size` rows. Each
 failure is a ScoreFileError naming the shard file, the dataset and the row.
 """
 from __future__ import annotations
@@ -21,7 +21,16 @@ from pathlib import Path
 import numpy as np
 
 from hvae_dist.errors import ScoreFileError
-from hvae_dist.score.layout import BASELINE_FIELDS, CHUNK_ROWS, VALUE_FIELDS, checked_storage, describe, open_h5, read_checked
+from hvae_dist.score.layout import (
+    BASELINE_FIELDS,
+    CHUNK_ROWS,
+    LID_FIELDS,
+    VALUE_FIELDS,
+    checked_storage,
+    describe,
+    open_h5,
+    read_checked,
+)
 
 BLOCK_BYTES = 8 << 20
 """Bytes of one shard's rows read at a time (all datasets of the group together), at least CHUNK_ROWS rows."""
@@ -141,7 +150,7 @@ def _copy_dataset(path: Path, group: str, key: str, grp, out, ks: list[int], che
         check()
         index = read_checked(path, f"{group}/index", grp["index"], rows).astype(np.int64)
         values = index if key == "index" else read_checked(path, f"{group}/{key}", d, rows)
-        if key in VALUE_FIELDS or key in BASELINE_FIELDS or key.startswith("complexity_"):
+        if key in VALUE_FIELDS or key in LID_FIELDS or key in BASELINE_FIELDS or key.startswith("complexity_"):
             _check_finite(path, group, key, grp, values, rows.start, index, ks, rows.stop - rows.start)
         order = None if np.all(index[1:] > index[:-1]) else np.argsort(index, kind="stable")
         where = index if ranks is None else ranks(index)

@@ -22,6 +22,7 @@ from hvae_dist.errors import CheckpointError, ConfigError
 from hvae_dist.estimators.complexity import METHODS as COMPLEXITY_METHODS
 from hvae_dist.estimators.complexity import compressed_size_nats
 from hvae_dist.estimators.gradients import GradientSettings
+from hvae_dist.estimators.lid import LidEstimator, LidSettings
 from hvae_dist.estimators.likelihood_regret import RegretSettings
 from hvae_dist.estimators.rows import default_batch_size
 from hvae_dist.estimators.scorer import IWScorer, ScoreSettings
@@ -54,6 +55,7 @@ class ScoreJob:
     log_every: float = 30.0           # seconds between progress lines (when there is no bar)
     first: int | None = None          # --first N: rows 0..N-1 (the old --max-examples); exclusive with max_examples
     arrays: dict | None = None        # group "NAME/SPLIT" -> dataset held in memory (score.arrays.score_arrays)
+    lid: LidSettings | None = None    # with --lid: the LID fields (hvae_dist.estimators.lid)
     likelihood_regret: RegretSettings | None = None   # None: no elbo_refit / likelihood_regret fields
     gradients: GradientSettings | None = None         # None: no grad_norm field
 
@@ -178,6 +180,7 @@ def run_score_job(job: ScoreJob) -> Path:
     settings = replace(job.settings, binarize=cfg.data.binarize).resolved(model.num_layers)
     scorer = IWScorer(model, settings, device)
     baselines = BaselineFields(scorer, job.likelihood_regret, job.gradients)
+    lid = LidEstimator(model, job.lid, settings.seed) if job.lid is not None else None
 
     data = open_job_datasets(job, cfg, model.input_shape)
     groups = list(data)
@@ -207,6 +210,10 @@ def run_score_job(job: ScoreJob) -> Path:
     }
     specs = [group_spec(g, data[g], rows[g][slice(*plan.range(g))], model.num_layers, len(settings.ks), methods)
              for g in groups]
+    if lid is not None:
+        attrs["lid"] = lid.settings.attrs()         # only with --lid: files without LID keep their identity
+        for spec in specs:
+            spec.lid_shape = (len(lid.settings.ks), len(lid.settings.scales))
     for spec in specs:
         spec.extra = baselines.shapes(len(spec.index))
     path = Path(job.out) / plan.filename
@@ -219,7 +226,7 @@ def run_score_job(job: ScoreJob) -> Path:
                 note = record_scored(job.run_dir, attrs["checkpoint_file"], step, path)
                 if note:
                     print(f"hvae score: note: {note}", file=sys.stderr, flush=True)
-            _score_rows(job, writer, scorer, data, {g.name: g.index for g in specs}, batch_size, baselines)
+            _score_rows(job, writer, scorer, data, {g.name: g.index for g in specs}, batch_size, lid, baselines)
     finally:
         lock.release()
     return path
@@ -304,7 +311,7 @@ def _batches(data: dict, index: dict, pending: dict, batch_size: int):
 
 
 def _score_rows(job: ScoreJob, writer: ShardWriter, scorer: IWScorer, data: dict, index: dict,
-                batch_size: int, baselines: BaselineFields | None = None) -> None:
+                batch_size: int, lid: LidEstimator | None = None, baselines: BaselineFields | None = None) -> None:
     """Score every pending row of the shard (data: group -> dataset, index: group -> the shard's dataset
     positions), batch by batch, with progress."""
     from tqdm import tqdm
@@ -328,6 +335,10 @@ def _score_rows(job: ScoreJob, writer: ShardWriter, scorer: IWScorer, data: dict
             values = scorer.score_batch(torch.from_numpy(images), torch.from_numpy(idx), g)
             for m in methods:
                 values[f"complexity_{m}"] = compressed_size_nats(images, m)
+            if lid is not None:
+                idx_t = torch.from_numpy(idx).to(scorer.device)
+                x = scorer.preprocess(torch.from_numpy(images).to(scorer.device), g, idx_t)
+                values.update(lid.score_batch(x, idx_t, g))
             if baselines is not None:
                 values.update(baselines.values(torch.from_numpy(images), torch.from_numpy(idx), g, values["elbo"]))
             writer.write(g, rows_b, values)

@@ -21,6 +21,7 @@ from hvae_dist.locking import FileLock
 from hvae_dist.score.layout import (
     FORMAT_VERSION,
     IDENTITY_ATTRS,
+    LID_FIELDS,
     SHARD_ATTRS,
     create_checked,
     format_error,
@@ -46,6 +47,7 @@ class GroupSpec:
     """Per-row datasets known before scoring (`label` int64, `path` fixed-length bytes), written with `index`."""
     attrs: dict = field(default_factory=dict)
     """Attributes of the group (a file dataset's `source`, `source_sha256`, `classes`)."""
+    lid_shape: tuple[int, int] | None = None    # (K_lid, S_lid) with --lid
     extra: dict = field(default_factory=dict)   # field -> (shape, dtype): the baselines' (score.baseline_fields)
 
     def shapes(self) -> dict[str, tuple[tuple[int, ...], Any]]:
@@ -55,6 +57,9 @@ class GroupSpec:
                "kl": ((n, self.num_layers), np.float64), "bpd": ((n,), np.float64)}
         for method in self.complexity:
             out[f"complexity_{method}"] = ((n,), np.float64)
+        if self.lid_shape is not None:
+            for key in LID_FIELDS:
+                out[key] = ((n, *self.lid_shape), np.float64)
         for key, value in self.static.items():
             out[key] = ((n, *np.shape(value)[1:]), np.asarray(value).dtype)
         out.update(self.extra)
