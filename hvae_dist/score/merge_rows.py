@@ -8,8 +8,8 @@ row indices are already written: 1.2 MiB for 10^7 rows). Row i of the merged gro
 Checks, in the order a shard is read: every row complete (the `complete` flags, before any value is
 read); per block, every index inside the job's plan 0..size-1 and not already written (no two shards, no
 two rows of one shard, hold the same index), every value of `VALUE_FIELDS`, `LID_FIELDS`, `BASELINE_FIELDS`
-and `complexity_*` finite, and HDF5's Fletcher32 checksum of every chunk read; at the end, the group holds exactly `size` rows. Each
-failure is a ScoreFileError naming the shard file, the dataset and the row.
+and `complexity_*` finite, and HDF5's Fletcher32 checksum of every chunk read; at the end, the group holds
+exactly `size` rows. Each failure is a ScoreFileError naming the shard file, the dataset and the row.
 """
 from __future__ import annotations
 
