@@ -48,10 +48,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--bootstrap-seed", type=int, default=0, metavar="SEED", help="seed of the resamples")
     parser.add_argument("--dose", choices=("kde", "svm"), default=None,
                         help="add DoSE: a KDE / one-class SVM of the per-example statistics fitted to the in-dist "
-                             "TRAINING split's rows (the file must hold NAME/train)")
+                             "TRAINING split's rows (the file must hold NAME/train); default: no DoSE")
     parser.add_argument("--ensemble", nargs="+", metavar="FILE", default=None,
                         help="score files of other runs (other seeds) over the same examples: adds -WAIC over FILE "
-                             "and these (e.g. from hvae ensemble)")
+                             "and these (e.g. from hvae ensemble); default: no WAIC")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -131,7 +131,8 @@ def add_score_arguments(p, *, submit: str | None = None) -> None:
     p.add_argument("--lid-ks", nargs="+", type=int, default=None, metavar="K",
                    help="Jacobians with respect to z>k, each k in 0..L-1 (default: 0 = all latents)")
     p.add_argument("--lid-rank", type=int, default=None, metavar="R",
-                   help="top R singular values by randomized SVD instead of the full Jacobian (large models)")
+                   help="top R singular values by randomized SVD instead of the full Jacobian (large models); default: the "
+                        "full Jacobian")
     p.add_argument("--lid-chunk", type=int, default=32, metavar="C",
                    help="Jacobian columns per batched pass (memory: batch x C rows); does not change the values")
     p.add_argument("--device", default="auto",

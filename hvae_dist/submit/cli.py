@@ -202,9 +202,10 @@ def resolve_train_config(args: argparse.Namespace, world_size: int) -> dict:
     return cfg.to_dict()
 
 
-def submit_train(args: argparse.Namespace, out=sys.stdout, cfg: dict | None = None):
+def submit_train(args: argparse.Namespace, out=None, cfg: dict | None = None):
     """Submit the training job; returns the submitit Job (of task 0). `cfg`: the resolved config when the
     caller has it (a pipeline resolves it once, before anything is queued)."""
+    out = sys.stdout if out is None else out
     from hvae_dist.submit.jobs import TrainJob
 
     args.run_dir = str(Path(args.run_dir).resolve())
@@ -233,8 +234,9 @@ def submit_train(args: argparse.Namespace, out=sys.stdout, cfg: dict | None = No
 
 # ----- score -----
 def submit_scoring(args: argparse.Namespace, run_dir: str, out_dir: str, after: str | None = None,
-                   prefix: str = "", in_dist_default: str | None = None, out=sys.stdout):
+                   prefix: str = "", in_dist_default: str | None = None, out=None):
     """Submit the score array and the merge (+ analyze) job; returns (shard jobs, merge job)."""
+    out = sys.stdout if out is None else out
     from hvae_dist.submit.jobs import MergeAnalyze, ScoreShard
 
     n = args.num_shards
@@ -284,8 +286,9 @@ def submit_scoring(args: argparse.Namespace, run_dir: str, out_dir: str, after: 
 
 
 # ----- pipeline -----
-def submit_pipeline(args: argparse.Namespace, out=sys.stdout):
+def submit_pipeline(args: argparse.Namespace, out=None):
     """train -> score array -> merge + analyze; returns (train job, shard jobs, merge job)."""
+    out = sys.stdout if out is None else out
     args.run_dir = str(Path(args.run_dir).resolve())
     out_dir = str(Path(args.out).resolve()) if args.out else str(Path(args.run_dir) / "scores")
     nodes, tasks = _train_world(args)
