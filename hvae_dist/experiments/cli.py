@@ -99,7 +99,7 @@ def add_ensemble_arguments(p: argparse.ArgumentParser) -> None:
 
     p.epilog = "On SLURM (one job per seed):\n" + doc.split("e.g. for N = 5:\n\n", 1)[1]
     p.add_argument("--seeds", type=int, default=5, help="number of runs (train.seed = 0 .. N-1)")
-    p.add_argument("--out", default="runs/ensemble", help="folder for OUT/seed-I/{run,scores} and OUT/report")
+    p.add_argument("--out", default="runs/ensemble", help="folder for OUT/seed-I/{run,scores} and OUT/analysis")
     p.add_argument("--config", default="tiny", help="preset or JSON file of every run")
     p.add_argument("--steps", type=int, default=DEMO_STEPS, help="training steps per run")
     p.add_argument("--minutes", type=float, default=None, help="optional cap on each run's training wall time")
@@ -116,7 +116,7 @@ def run_ensemble(args: argparse.Namespace) -> int:
 
     files = ensemble(args.out, args.seeds, args.config, args.steps, args.minutes, args.datasets, args.iw_samples,
                      args.max_examples, args.overrides)
-    print(f"\nensemble of {len(files)} runs; report with -WAIC: {Path(args.out) / 'report'}")
+    print(f"\nensemble of {len(files)} runs; report with -WAIC: {Path(args.out) / 'analysis'}")
     return 0
 
 

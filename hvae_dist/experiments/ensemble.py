@@ -2,7 +2,7 @@
 and the analysis with WAIC over them (Choi et al. 2018; the paper's baseline "WAIC over 5 VAEs").
 
 On one machine the runs train one after another (OUT/seed-I/run, scores in OUT/seed-I/scores/scores.h5),
-then `hvae analyze OUT/seed-0/scores/scores.h5 --ensemble OUT/seed-1/... --out OUT/report` adds -WAIC to
+then `hvae analyze OUT/seed-0/scores/scores.h5 --ensemble OUT/seed-1/... --out OUT/analysis` adds -WAIC to
 every other score. Re-running continues: each run resumes, a scored shard is not recomputed. On SLURM the N
 runs are independent jobs (an array in all but name), submitted with the existing pipeline, e.g. for N = 5:
 
@@ -25,7 +25,7 @@ def run_ensemble(out: str | Path, seeds: int, config: str = "tiny", steps: int =
                  datasets: list[str] | None = None, iw_samples: int = 16, max_examples: int = 500,
                  overrides: list[str] | None = None) -> list[Path]:
     """Train `seeds` runs (train.seed = 0 .. seeds-1) one after another, score and merge each, analyze with
-    WAIC over them into OUT/report; returns the score files (seed 0 first)."""
+    WAIC over them into OUT/analysis; returns the score files (seed 0 first)."""
     if seeds < 2:
         raise ConfigError(f"--seeds must be >= 2 (WAIC is a variance over runs), got {seeds}")
     out = Path(out)
@@ -44,5 +44,5 @@ def run_ensemble(out: str | Path, seeds: int, config: str = "tiny", steps: int =
             notes.append(f"seed {i}: {note}")
         stages.score(run_dir, datasets, scores, iw_samples, max_examples)
         files.append(stages.merge(scores))
-    stages.analyze(files[0], datasets[0], out / "report", "; ".join(notes) or None, ensemble=files[1:])
+    stages.analyze(files[0], datasets[0], out / "analysis", "; ".join(notes) or None, ensemble=files[1:])
     return files

@@ -13,7 +13,7 @@ def test_ensemble_trains_each_seed_and_reports_waic(tmp_path, capsys):
     assert hvae(["ensemble", "--seeds", "2", "--out", str(tmp_path), *SMALL]) == 0
     seeds = [json.loads((tmp_path / f"seed-{i}" / "run" / "config.json").read_text())["train"]["seed"] for i in (0, 1)]
     assert seeds == [0, 1]
-    rows = json.loads((tmp_path / "report" / "metrics.json").read_text())["rows"]
+    rows = json.loads((tmp_path / "analysis" / "metrics.json").read_text())["rows"]
     assert any(r["score"] == "waic" and r["ood"] == "MNIST/test" for r in rows)
     assert "--ensemble" in capsys.readouterr().out                  # the printed analyze command shows it
     assert hvae(["ensemble", "--seeds", "1", "--out", str(tmp_path / "one"), *SMALL]) == 2

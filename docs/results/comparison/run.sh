@@ -26,4 +26,4 @@ $HVAE score --run-dir "$OUT/seed-0/run" --datasets "${SETS[@]}" --iw-samples "$S
     --likelihood-regret --lr-steps "$LR_STEPS" --gradients --out "$OUT/raw/baselines" --no-progress
 $HVAE merge "$OUT/raw/baselines"
 $HVAE analyze "$OUT/raw/baselines/scores.h5" --in-dist "$IN:test" --dose kde --bootstrap 1000 --bootstrap-seed 0 \
-    --ensemble $(for i in $(seq 1 $((SEEDS - 1))); do echo "$OUT/raw/seed-$i/scores.h5"; done) --out "$OUT/report"
+    --ensemble $(for i in $(seq 1 $((SEEDS - 1))); do echo "$OUT/raw/seed-$i/scores.h5"; done) --out "$OUT/analysis"
