@@ -135,6 +135,26 @@ class TrainJob(Checkpointable):
                          f"{Path(self.run_dir) / 'checkpoints'}; a re-run of this job resumes from it")
 
 
+def _shield_requeue_from_term():
+    """Wrap submitit's USR2 handler (checkpoint + `scontrol requeue` + exit) so that a SIGTERM cannot interrupt it.
+
+    A preemption sends TERM and USR2 with no order between them. When USR2 is handled first, a TERM arriving
+    during submitit's handler (or pending behind it: CPython runs pending handlers in signal-number order and
+    re-runs the rest after one raises, here submitit's SystemExit) would raise StoppedBySignal inside it,
+    before or after the requeue, and the shard would end FAILED without being requeued. Once the requeue is
+    under way TERM is ignored; SLURM's kill after KillWait still ends the task. Returns the previous handler."""
+    submitit_usr2 = signal.getsignal(signal.SIGUSR2)
+    if not callable(submitit_usr2):
+        return submitit_usr2
+
+    def requeue(signum: int, frame) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        submitit_usr2(signum, frame)
+
+    signal.signal(signal.SIGUSR2, requeue)
+    return submitit_usr2
+
+
 @dataclass
 class ScoreShard(Checkpointable):
     """One array task: `score.runner.run_job` of `job` as shard `shard` of `num_shards`; a re-run resumes the
@@ -151,6 +171,7 @@ class ScoreShard(Checkpointable):
         from hvae_dist.signals import StoppedBySignal, raise_on_stop, restore
 
         previous = raise_on_stop()   # SIGTERM unwinds the shard (hvae_dist.signals), as under `hvae score`
+        previous_usr2 = _shield_requeue_from_term()
         try:
             run_job(replace(self.job, shard=self.shard, num_shards=self.num_shards, progress=False))
         except StoppedBySignal:
@@ -161,6 +182,7 @@ class ScoreShard(Checkpointable):
             time.sleep(self.signal_grace_s)
             raise
         finally:
+            signal.signal(signal.SIGUSR2, previous_usr2)
             restore(previous)
         return self.job.out
 
