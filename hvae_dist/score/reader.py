@@ -142,7 +142,9 @@ def _validate_group(path: Path, name: str, data: dict[str, np.ndarray], attrs: d
 def to_dataframe(path: str | Path):
     """The score file as one long pandas DataFrame: a row per example, columns group, dataset, split,
     index, elbo, elbo_1, bpd, lk<k>, llr<k>, kl<layer> (1 = bottom; the names of `estimators.names`, were
-    lk_<k>, llr_<k>, kl_<layer> before issue 24) and any extra per-example values; nats unless bpd."""
+    lk_<k>, llr_<k>, kl_<layer> before issue 24) and any extra per-example values; nats unless bpd.
+    A 2-D extra field gives a column per entry, `<field>_<label>`: grad_norm's labels are the layer names of
+    the file's `gradients` attribute, e.g. `grad_norm_encoders.0` (other fields: 1, 2, ...)."""
     try:
         import pandas as pd
     except ImportError as e:
@@ -160,5 +162,16 @@ def to_dataframe(path: str | Path):
                 cols.update({names.kl(i + 1): value[:, i] for i in range(value.shape[1])})
             elif value.ndim == 1:
                 cols[key] = value
+            elif value.ndim == 2:
+                cols.update({f"{key}_{label}": value[:, j] for j, label in enumerate(_column_labels(attrs, key, value))})
         frames.append(pd.DataFrame(cols))
     return pd.concat(frames, ignore_index=True)
+
+
+def _column_labels(attrs: dict[str, Any], key: str, value: np.ndarray) -> list[str]:
+    """Labels of the columns of a 2-D extra field: grad_norm's layers (attrs gradients.layers), else 1..M."""
+    gradients = attrs.get("gradients")
+    layers = gradients.get("layers") if isinstance(gradients, dict) else None
+    if key == "grad_norm" and isinstance(layers, list) and len(layers) == value.shape[1]:
+        return [str(layer) for layer in layers]
+    return [str(j + 1) for j in range(value.shape[1])]

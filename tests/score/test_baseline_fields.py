@@ -36,6 +36,15 @@ def test_sharded_equals_unsharded_and_fields_are_documented(run_dir, tmp_path):
         np.testing.assert_allclose(data["likelihood_regret"], data["elbo_refit"] - data["elbo"], rtol=0, atol=1e-9)
         for key in FIELDS:
             np.testing.assert_allclose(two.groups[g][key], data[key], rtol=1e-4, atol=1e-3, err_msg=f"{g} {key}")
+    pytest.importorskip("pandas")
+    from hvae_dist.score.reader import to_dataframe
+
+    df = to_dataframe(tmp_path / "one" / "scores.h5")   # the (N, G) grad_norm: one column per layer, by name
+    for g, data in one.groups.items():
+        rows = df[df["group"] == g].sort_values("index")
+        for j, layer in enumerate(layers):
+            np.testing.assert_array_equal(rows[f"grad_norm_{layer}"].to_numpy(), data["grad_norm"][:, j])
+        np.testing.assert_array_equal(rows["likelihood_regret"].to_numpy(), data["likelihood_regret"])
 
 
 def test_resume_with_other_refit_steps_is_refused(run_dir, tmp_path, capsys):
