@@ -22,6 +22,14 @@ PEAK_CONV = dict(batch=16, channels=64, kernel=5, size=28)
 PEAK_CALLS = 16   # back-to-back calls per timing (one bf16 call takes ~1 ms: too short to time alone)
 
 
+def setup(threads: int, device: str) -> tuple[torch.device, Callable[[], None]]:
+    """torch.set_num_threads(threads); returns (device, sync), sync waiting for the device's queued work (a no-op
+    on CPU), to be called before each clock read."""
+    torch.set_num_threads(threads)
+    dev = torch.device(device)
+    return dev, (lambda: torch.cuda.synchronize(dev)) if dev.type == "cuda" else (lambda: None)
+
+
 def header(title: str, threads: int) -> str:
     load = os.getloadavg()[0]
     return (f"# {title}; torch {torch.__version__}, {threads} threads, {os.cpu_count()} CPUs, load average "

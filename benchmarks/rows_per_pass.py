@@ -19,7 +19,7 @@ import math
 
 import numpy as np
 import torch
-from bench_common import header, interleaved
+from bench_common import header, interleaved, setup
 
 from hvae_dist.config import load_config
 from hvae_dist.data import get_dataset
@@ -44,9 +44,7 @@ def parser() -> argparse.ArgumentParser:
 
 def main() -> None:
     args = parser().parse_args()
-    torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
-    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+    device, sync = setup(args.threads, args.device)
     cfg = load_config(args.preset)
     name, split = DATASETS[args.preset]
     images = torch.from_numpy(np.array(get_dataset(name, split, max_examples=args.examples).images))

@@ -34,7 +34,7 @@ import time
 
 import numpy as np
 import torch
-from bench_common import count_flops, header, interleaved, peak_conv_cases, peak_gflops
+from bench_common import count_flops, header, interleaved, peak_conv_cases, peak_gflops, setup
 
 from hvae_dist.config import load_config
 from hvae_dist.data import get_dataset, preprocess_batch
@@ -77,9 +77,7 @@ def parser() -> argparse.ArgumentParser:
 
 def run(args) -> list[dict]:
     """The measurement; prints the table and returns its rows."""
-    torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
-    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+    device, sync = setup(args.threads, args.device)
     S, SB = args.iw_samples, min(args.baseline_samples, args.iw_samples)
     n = args.examples or default_batch_size(device)
 

@@ -32,7 +32,7 @@ import tempfile
 import time
 
 import torch
-from bench_common import count_flops, header, interleaved, peak_conv_cases, peak_gflops
+from bench_common import count_flops, header, interleaved, peak_conv_cases, peak_gflops, setup
 
 from hvae_dist.config import load_config
 from hvae_dist.distributed import detect_world
@@ -98,9 +98,8 @@ def parser() -> argparse.ArgumentParser:
 
 def run(args) -> list[dict]:
     """The measurement; prints the table and returns its rows."""
-    torch.set_num_threads(args.threads)
-    world, device = detect_world(), torch.device(args.device)
-    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+    device, sync = setup(args.threads, args.device)
+    world = detect_world()
     precisions = args.precisions.split(",")
 
     tmp = tempfile.TemporaryDirectory()

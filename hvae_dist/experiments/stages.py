@@ -76,7 +76,8 @@ def analyze(scores: Path, in_dist: str, out: Path, note: str | None = None, ense
 
     _show(["analyze", str(scores), "--in-dist", in_dist, "--out", str(out)]
           + (["--ensemble", *map(str, ensemble)] if ensemble else []))
-    result = run_analysis(scores, in_dist, ensemble=ensemble)
+    # The intervals of `hvae analyze`'s defaults (1000 resamples, seed 0), so that the command shown is what ran.
+    result = run_analysis(scores, in_dist, ensemble=ensemble, bootstrap=1000, bootstrap_seed=0)
     written = report(result, out)
     print(format_text(result))
     if note:

@@ -15,5 +15,8 @@ def test_ensemble_trains_each_seed_and_reports_waic(tmp_path, capsys):
     assert seeds == [0, 1]
     rows = json.loads((tmp_path / "analysis" / "metrics.json").read_text())["rows"]
     assert any(r["score"] == "waic" and r["ood"] == "MNIST/test" for r in rows)
-    assert "--ensemble" in capsys.readouterr().out                  # the printed analyze command shows it
+    # the intervals of `hvae analyze`'s defaults, as the printed command promises
+    assert all(r["auroc_lo"] <= r["auroc"] <= r["auroc_hi"] for r in rows)
+    out = capsys.readouterr().out
+    assert "--ensemble" in out and "AUROC 95% [" in out            # the printed analyze command shows it
     assert hvae(["ensemble", "--seeds", "1", "--out", str(tmp_path / "one"), *SMALL]) == 2
