@@ -1,6 +1,6 @@
 """Likelihood Regret, batched vs the original's one-example-at-a-time refit: examples/s, same run.
 
-    .venv/bin/python benchmarks/likelihood_regret.py [--preset tiny] [--examples 16] [--steps 10]
+    .venv/bin/python benchmarks/likelihood_regret.py [--preset tiny] [--examples 16] [--steps 100]
                                                      [--iw-samples 16] [--threads 2] [--repeats 2] [--device cpu]
 
 Both cases refit every example's encoder for --steps Adam steps (the original's settings otherwise) and compute
@@ -29,7 +29,7 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--preset", default="tiny", choices=["tiny", "fashionmnist"])
     p.add_argument("--examples", type=int, default=16, help="examples refit by each case (the batch)")
-    p.add_argument("--steps", type=int, default=10, help="Adam steps per example (the original: 100)")
+    p.add_argument("--steps", type=int, default=100, help="Adam steps per example (the original's 100)")
     p.add_argument("--iw-samples", type=int, default=16, help="S of the bound after the refit")
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--threads", type=int, default=2)
