@@ -16,7 +16,7 @@ DEMO_STEPS = 2500
 """`hvae demo`'s fixed training budget: the 2,500 steps at which the recipe above was measured (0.986 / 0.980
 LLR>1 AUROC, seeds 0 / 1; docs/results/demo_recipe). A step budget makes the result independent of how busy
 the machine is; `--minutes` only caps it (and says so). Fresh clones of main, `make demo` (venv included, 2 cores):
-seed 0 0.987 in 19.4 min (2026-12-07, docs/results/demo_recipe)."""
+seed 0 0.987 in 19.4 min, seed 1 0.983 [0.976, 0.989] in 19.5 min (2026-12-07, README "make demo")."""
 POSTER_STEPS = DEMO_STEPS
 """`hvae poster`'s fixed training budget per model: the demo's 2,500 steps. Chosen by measurement: at 2,500 steps
 the recipe reaches the paper's LLR>1 on FashionMNIST -> MNIST (above), and the committed poster table
