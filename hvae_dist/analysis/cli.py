@@ -42,6 +42,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="only these scores: ids (nll, lk1, llr2, complexity_png, background, typicality) or "
                              "families (nll lk llr complexity background typicality lid lidlin dual); default: all available")
     parser.add_argument("--no-plots", action="store_true", help="skip the PNG figures")
+    # intervals.REPLICATES, as a literal: building the parser must not import the analysis (numpy, torch)
     parser.add_argument("--bootstrap", type=int, default=1000, metavar="R",
                         help="95%% percentile-bootstrap intervals of every metric from R resamples of the in-dist and "
                              "OOD rows (0: none; default: 1000)")

@@ -26,6 +26,9 @@ from hvae_dist.estimators.detection import METRICS, TPR_LEVEL
 BLOCK_CELLS = 1 << 22
 """Most replicate x row counts held at once (32 MiB of int64)."""
 LEVEL = 0.95
+REPLICATES = 1000
+"""Resamples of an interval by default: `hvae analyze --bootstrap`'s default, and what the demo, poster and
+ensemble analyses use (experiments.stages.analyze)."""
 
 
 def _counts(pos: np.ndarray, n: int) -> np.ndarray:
@@ -77,7 +80,7 @@ def replicate_metrics(neg_scores: np.ndarray, pos_scores: np.ndarray, neg_idx: n
     return {m: np.concatenate(v) for m, v in out.items()}
 
 
-def bootstrap_metrics(neg_scores: np.ndarray, pos_scores: np.ndarray, replicates: int = 1000, seed: int = 0,
+def bootstrap_metrics(neg_scores: np.ndarray, pos_scores: np.ndarray, replicates: int = REPLICATES, seed: int = 0,
                       level: float = LEVEL) -> dict[str, tuple[float, float]]:
     """Metric -> (lo, hi) percentile interval at `level` from `replicates` stratified resamples (see module).
 

@@ -72,12 +72,13 @@ def analyze(scores: Path, in_dist: str, out: Path, note: str | None = None, ense
     """Metrics, tables and figures of `scores` into `out`; prints the table. `note` (e.g. "stopped at step N
     of M") is printed and added to out/metrics.md; `ensemble`: other runs' score files (adds -WAIC)."""
     from hvae_dist.analysis import format_text, report, run_analysis
+    from hvae_dist.analysis.intervals import REPLICATES
     from hvae_dist.files import write_text_atomic
 
     _show(["analyze", str(scores), "--in-dist", in_dist, "--out", str(out)]
           + (["--ensemble", *map(str, ensemble)] if ensemble else []))
-    # The intervals of `hvae analyze`'s defaults (1000 resamples, seed 0), so that the command shown is what ran.
-    result = run_analysis(scores, in_dist, ensemble=ensemble, bootstrap=1000, bootstrap_seed=0)
+    # The intervals of `hvae analyze`'s defaults (REPLICATES resamples, seed 0), so that the command shown is what ran.
+    result = run_analysis(scores, in_dist, ensemble=ensemble, bootstrap=REPLICATES, bootstrap_seed=0)
     written = report(result, out)
     print(format_text(result))
     if note:

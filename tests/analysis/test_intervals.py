@@ -88,3 +88,16 @@ def test_analyze_writes_the_comparison_table_with_intervals(tmp_path):
     assert "## AUROC" in md and "(paper 0.986)" in md and "MNIST/test" in md
     assert (tmp_path / "out" / "comparison.csv").read_text().startswith("in_dist,ood,method")
     assert "<table" in (tmp_path / "out" / "comparison.html").read_text()
+
+
+def test_the_cli_default_is_the_one_replicate_count():
+    """`hvae analyze --bootstrap` keeps a literal default (its parser must not import numpy / torch); it is the
+    count the demo, poster and ensemble analyses use (experiments.stages.analyze)."""
+    import argparse
+
+    from hvae_dist.analysis.cli import add_arguments
+    from hvae_dist.analysis.intervals import REPLICATES
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    assert parser.get_default("bootstrap") == REPLICATES
